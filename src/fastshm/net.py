@@ -21,7 +21,8 @@ import os
 import select
 import socket
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+import weakref
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from contextlib import contextmanager
 
@@ -260,6 +261,7 @@ class Publisher:
         self._stats = {"sent": 0, "bytes": 0, "unsent": 0, "drops": 0, "connections": 0,
                        "disconnections": 0, "protocol_errors": 0}
         self._last_delivered = 0
+        self._pins: "Dict[int, weakref.ref[Any]]" = {}
         self._closed = False
 
     # -- properties ---------------------------------------------------------------
@@ -371,6 +373,7 @@ class Publisher:
             if not data.flags.c_contiguous:
                 with self._loan_array(data.shape, data.dtype, timeout, meta) as dest:
                     dest[...] = data
+                    del dest
                 return self._last_delivered
         slot = self._take_slot(timeout)
         pool = self._pool
@@ -415,16 +418,16 @@ class Publisher:
         if not 0 <= nbytes <= self._pool.slot_size:
             raise ValueError(f"cannot loan {nbytes} bytes: slots hold {self._pool.slot_size}")
         slot = self._take_slot(timeout)
-        offset = self._pool.offset(slot)
+        view, before = self._lend(slot, nbytes)
         stamp = time.time_ns()
-        with memoryview(self._pool.segment) as whole:
-            view = whole[offset:offset + nbytes]
         try:
             yield view
         except BaseException:
-            self._end_loan(view, slot)
+            self._end_loan(view, before)
+            self._pool.discard(slot)
             raise
-        if not self._end_loan(view, slot):
+        if not self._end_loan(view, before):
+            self._pool.discard(slot)
             raise BufferError("views of the loaned buffer are still alive: the message was "
                               "discarded, since they could still change it")
         self._publish(slot, nbytes, meta, stamp, 0)
@@ -436,7 +439,10 @@ class Publisher:
 
         Like :meth:`loan`, but the view is an array of ``shape`` and ``dtype``
         and the reader's :meth:`Message.array` gets the same shape and dtype.
-        Do not keep the array (or views of it) past the block.
+        An array cannot be revoked the way a memoryview is released: while the
+        array (or any view of it) is alive after the block, its slot is kept
+        out of reuse, and writing to it would change what subscribers read —
+        do not.
         """
         import numpy as np
 
@@ -458,31 +464,48 @@ class Publisher:
         if nbytes > self._pool.slot_size:
             raise ValueError(f"array of {nbytes} bytes does not fit in {self._pool.slot_size}")
         slot = self._take_slot(timeout)
-        offset = self._pool.offset(slot)
+        generation = self._pool.generation(slot)
+        view, _ = self._lend(slot, nbytes)
         stamp = time.time_ns()
-        with memoryview(self._pool.segment) as whole:
-            view = whole[offset:offset + nbytes]
-        arr = np.frombuffer(view, dtype=dtype, count=count).reshape(shape)
+        base = np.frombuffer(view, dtype=dtype, count=count)
+        arr = base.reshape(shape)
         try:
             yield arr
         except BaseException:
             del arr
-            self._end_loan(view, slot)
+            self._after_views(base, view, lambda: self._pool.discard(slot))
             raise
         del arr
-        if not self._end_loan(view, slot):
-            raise BufferError("arrays made from the loaned slot are still alive: the message "
-                              "was discarded, since they could still change it")
-        self._publish(slot, nbytes, meta, stamp, FLAG_NDARRAY)
+        self._publish(slot, nbytes, meta, stamp, FLAG_NDARRAY, extra_holders=1)
+        self._after_views(base, view, lambda: self._pool.release(slot, generation))
 
-    def _end_loan(self, view: memoryview, slot: int) -> bool:
-        """Release the loaned view; False (and the slot discarded) if it is still in use."""
+    def _after_views(self, base: Any, view: memoryview, then: Callable[[], Any]) -> None:
+        """Call ``then`` once no array made from ``base`` is alive (now, if none is)."""
+        def done(ref: "weakref.ref[Any]") -> None:
+            self._pins.pop(id(ref), None)
+            view.release()
+            if not self._closed:
+                then()
+
+        ref = weakref.ref(base, done)
+        self._pins[id(ref)] = ref
+
+    def _lend(self, slot: int, nbytes: int) -> Tuple[memoryview, int]:
+        """A writable view of ``nbytes`` of ``slot``, and the segment's export count before."""
+        segment = self._pool.segment
+        before = segment.exports
+        offset = self._pool.offset(slot)
+        with memoryview(segment) as whole:
+            return whole[offset:offset + nbytes], before
+
+    def _end_loan(self, view: memoryview, before: int) -> bool:
+        """Release a loaned view; False if views made from it are still alive."""
         try:
             view.release()
         except BufferError:
-            self._pool.discard(slot)
             return False
-        return True
+        # Views made with memoryview(view) or slicing share one export of the segment.
+        return self._pool.segment.exports <= before
 
     def _take_slot(self, timeout: Optional[float]) -> int:
         if self._closed:
@@ -504,12 +527,14 @@ class Publisher:
                 return peer
         return None
 
-    def _publish(self, slot: int, nbytes: int, meta: bytes, stamp: int, flags: int) -> int:
+    def _publish(self, slot: int, nbytes: int, meta: bytes, stamp: int, flags: int,
+                 extra_holders: int = 0) -> int:
+        """Send ``slot``'s address to every subscriber; ``extra_holders`` keep it too."""
         pool = self._pool
         self._seq += 1
         ready = self._ready
         if not ready:
-            pool.discard(slot)
+            pool.commit(slot, extra_holders)
             self._stats["unsent"] += 1
             self._last_delivered = 0
             return 0
@@ -536,7 +561,7 @@ class Publisher:
             else:
                 peer.drops += 1
                 self._stats["drops"] += 1
-        pool.commit(slot, holders)
+        pool.commit(slot, holders + extra_holders)
         for peer in queued:
             try:
                 peer.stream.flush(0)
