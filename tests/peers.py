@@ -52,7 +52,8 @@ def publisher(args: argparse.Namespace) -> None:
     with Publisher(args.url, slot_size=args.size, slots=args.slots,
                    channel=args.channel or None) as pub:
         print(json.dumps({"url": pub.url, "segment": pub.segment_name}), flush=True)
-        pub.wait_for_subscribers(1, timeout=30)
+        if args.count:
+            pub.wait_for_subscribers(1, timeout=30)
         for seq in range(1, args.count + 1):
             pub.send(expected_frame(base, seq, args.size), timeout=30)
         if args.linger:
