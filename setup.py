@@ -4,6 +4,7 @@ Everything else about the package is declared in ``pyproject.toml``.
 """
 
 import os
+import sys
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -15,10 +16,17 @@ extra_compile_args = ["-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing
 if os.environ.get("FASTSHM_WERROR"):
     extra_compile_args.append("-Werror")
 
+# shm_open and shm_unlink live in librt before glibc 2.34 (Debian 11, Ubuntu
+# 20.04, manylinux2014): without -lrt the core builds there but fails to
+# import ("undefined symbol: shm_unlink"). On newer glibc and on musl librt is
+# an empty stub that the linker drops.
+libraries = ["rt"] if sys.platform.startswith("linux") else []
+
 core = Extension(
     "fastshm._core",
     sources=[os.path.join("src", "fastshm", "_core.pyx")],
     include_dirs=[INCLUDES],
+    libraries=libraries,
     extra_compile_args=extra_compile_args,
 )
 
