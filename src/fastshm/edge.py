@@ -452,6 +452,8 @@ def run_writer(cfg: WriterConfig, stop: _Stop | None = None) -> int:
                 )
                 if not cfg.wait_subscribers or _wait_for_subscribers(pub, cfg.wait_subscribers, stop):
                     _publish(pub, cfg, stop, pattern, frames)
+                    if not stop:
+                        _drain(pub, stop)
             log.info("writer stopped")
             return 0
         finally:
@@ -530,6 +532,19 @@ def _publish(pub: Any, cfg: WriterConfig, stop: _Stop, pattern: _PatternSource |
             else:
                 next_at = now  # running late: do not catch up in a burst
     log.info("sent %d frames, dropped %d", sent, dropped)
+
+
+def _drain(pub: Any, stop: _Stop, timeout: float = 5.0) -> None:
+    """After the last frame, wait (a while) until the readers gave every slot back.
+
+    Closing unlinks the segment: a reader that has not mapped it yet could not
+    read the last frames any more.
+    """
+    deadline = time.monotonic() + timeout
+    while not stop and time.monotonic() < deadline:
+        if pub.stats().get("slots_held", 0) == 0:
+            return
+        pub.poll(_POLL / 4)
 
 
 def _send(pub: Any, frame: memoryview, timeout: float, stop: _Stop, Full: type) -> bool:
