@@ -36,6 +36,12 @@ import zlib
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator, Sequence
 
+from ._core import buffers_equal
+from .demo import PERIOD, expected_frame, pattern
+from .errors import FastShmError, Full
+from .net import Publisher, Subscriber
+from .pool import segment_size
+
 __all__ = [
     "ReaderConfig",
     "WriterConfig",
@@ -335,8 +341,6 @@ def shm_size(slot_size: int, slots: int) -> tuple[int, int]:
     memory a reader still maps after an unlink) plus 1 MiB of headroom, rounded up
     to a whole MiB.
     """
-    from .pool import segment_size
-
     segment = segment_size(slot_size, slots)
     mib = 1 << 20
     recommended = -(-(2 * segment + mib) // mib) * mib
@@ -354,8 +358,6 @@ def test_pattern(seq: int, size: int) -> bytes:
     pattern repeating every 251 bytes that starts at ``seq % 251``, so each frame
     differs from the one before and the reader can check it from its number.
     """
-    from .demo import expected_frame, pattern
-
     return bytes(expected_frame(pattern(size), seq, size))
 
 
@@ -363,14 +365,11 @@ class _PatternSource:
     """Frames of the test pattern, numbered by the sequence the publisher gives them."""
 
     def __init__(self, size: int) -> None:
-        from .demo import expected_frame, pattern
-
         self._base = pattern(size)
-        self._frame = expected_frame
         self._size = size
 
     def frame(self, seq: int) -> memoryview:
-        return self._frame(self._base, seq, self._size)
+        return expected_frame(self._base, seq, self._size)
 
 
 def _stream_frames(stream: IO[bytes], size: int, rewind: bool, name: str) -> Iterator[memoryview]:
@@ -413,8 +412,6 @@ def run_writer(cfg: WriterConfig, stop: _Stop | None = None) -> int:
 
     Returns the exit status: 0 after a clean stop, 2 when the writer cannot start.
     """
-    from .net import Publisher
-
     own_stop = stop is None
     stop = stop or _Stop().install()
     try:
@@ -495,8 +492,6 @@ def _wait_for_subscribers(pub: Any, n: int, stop: _Stop) -> bool:
 
 
 def _publish(pub: Any, cfg: WriterConfig, stop: _Stop, pattern: _PatternSource | None, frames: Iterator[memoryview] | None) -> None:
-    from .errors import Full
-
     interval = 1.0 / cfg.rate if cfg.rate > 0 else 0.0
     next_at = time.monotonic()
     stats_at = next_at + 10.0
@@ -511,7 +506,7 @@ def _publish(pub: Any, cfg: WriterConfig, stop: _Stop, pattern: _PatternSource |
             if frame is None:
                 log.info("end of the source")
                 break
-        if _send(pub, frame, cfg.send_timeout, stop, Full):
+        if _send(pub, frame, cfg.send_timeout, stop):
             seq += 1
             sent += 1
         elif stop:
@@ -547,7 +542,7 @@ def _drain(pub: Any, stop: _Stop, timeout: float = 5.0) -> None:
         pub.poll(_POLL / 4)
 
 
-def _send(pub: Any, frame: memoryview, timeout: float, stop: _Stop, Full: type) -> bool:
+def _send(pub: Any, frame: memoryview, timeout: float, stop: _Stop) -> bool:
     """Send one frame, waiting for a free slot at most ``timeout`` seconds.
 
     The wait is cut into slices of ``_POLL`` so that a stop request is seen.
@@ -686,9 +681,6 @@ class _Reporter:
         self._n += 1
 
     def _matches_pattern(self, msg: Any) -> bool:
-        from ._core import buffers_equal
-        from .demo import PERIOD, expected_frame, pattern
-
         size = msg.nbytes
         if self._base is None or len(self._base) < size + PERIOD:
             self._base = pattern(size)
@@ -733,8 +725,6 @@ def run_reader(cfg: ReaderConfig, stop: _Stop | None = None, out: IO[str] | None
     writer answers, and again each time the writer goes away. Returns the exit
     status: 0 after a clean stop.
     """
-    from .errors import FastShmError
-
     own_stop = stop is None
     stop = stop or _Stop().install()
     out = out or sys.stdout
@@ -794,9 +784,6 @@ def run_reader(cfg: ReaderConfig, stop: _Stop | None = None, out: IO[str] | None
 
 def _connect(cfg: ReaderConfig) -> Any:
     """A new Subscriber, or the exception that says why there is none yet."""
-    from .errors import FastShmError
-    from .net import Subscriber
-
     kwargs: dict[str, Any] = {"connect_timeout": min(cfg.connect_timeout, _POLL)}
     if _accepts(Subscriber, "identity"):
         kwargs["identity"] = cfg.module or "fastshm-reader"
