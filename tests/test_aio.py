@@ -201,3 +201,29 @@ def test_async_subscriber_reads_the_writer_entrypoint(tmp_path):
         writer.wait()
         assert writer.stderr is not None
         writer.stderr.close()
+
+
+def test_own_loop_example(tmp_path):
+    """examples/iotedge/own_loop.py reads frames from the writer entrypoint."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "iotedge" / "own_loop.py"
+    if not example.exists():
+        pytest.skip("not running from a source checkout")
+    url = f"unix://{tmp_path / 'route.sock'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FASTSHM_", "IOTEDGE_"))}
+    env.update(PYTHONPATH=os.pathsep.join(p for p in sys.path if p), FASTSHM_URL=url)
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "fastshm.edge", "writer"],
+        env=dict(env, FASTSHM_SLOT_SIZE="4096", FASTSHM_RATE="0", FASTSHM_COUNT="5",
+                 FASTSHM_WAIT_SUBSCRIBERS="1", FASTSHM_CHANNEL=f"aiotest{os.getpid()}x"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        out = subprocess.run([sys.executable, str(example)], env=dict(env, FASTSHM_COUNT="5"),
+                             capture_output=True, text=True, timeout=TIMEOUT)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert [line.split(":")[0] for line in lines] == [f"frame {i}" for i in range(1, 6)]
+        assert writer.wait(TIMEOUT) == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+        writer.wait()

@@ -12,6 +12,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import pytest
 
@@ -71,10 +72,11 @@ def command(role: str) -> List[str]:
 class Proc:
     """An entrypoint process whose stdout lines are collected by a thread."""
 
-    def __init__(self, role: str, env: Dict[str, str], stdin: Optional[int] = None) -> None:
+    def __init__(self, role: str, env: Dict[str, str], stdin: Optional[int] = None,
+                 prefix: Sequence[str] = ()) -> None:
         self.role = role
-        self.p = subprocess.Popen(command(role), env=env, stdin=stdin, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+        self.p = subprocess.Popen([*prefix, *command(role)], env=env, stdin=stdin,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
         self.stderr: List[str] = []
         self._threads = [threading.Thread(target=self._pump, daemon=True),
@@ -297,6 +299,56 @@ def test_file_source_loops(procs, tmp_path):
     assert reader.wait() == 0 and writer.wait() == 0
     a, b = ("crc32:%08x" % zlib.crc32(c * size) for c in (b"a", b"b"))
     assert [r["checksum"] for r in records] == [a, b, a, b, a]
+
+
+def unprivileged_reader(procs: List[Proc], **env: object) -> Proc:
+    """A reader without the capabilities that let root ignore file permissions.
+
+    It stays uid 0 (the interpreter may live where no other user can reach it), so
+    the tests give the segment another owner: the reader then gets exactly the access
+    that the segment's group and mode grant to a reader of another user.
+    """
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv, to take the reader's file capabilities away")
+    proc = Proc("reader", base_env(**env), prefix=[
+        setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--"])
+    procs.append(proc)
+    return proc
+
+
+def wait_for_segment(chan: str) -> str:
+    deadline = time.monotonic() + TIMEOUT
+    while not segments_of(chan):
+        assert time.monotonic() < deadline, "the writer created no segment"
+        time.sleep(0.02)
+    return "/dev/shm/" + segments_of(chan)[0]
+
+
+def test_reader_of_another_user_maps_group_readable_segments(procs):
+    """The README's setup: writer and reader are different users of one group, mode 0640."""
+    url, chan, n = free_tcp_url(), channel(), 5
+    writer = start(procs, "writer", URL=url, CHANNEL=chan, SLOT_SIZE="64k", RATE=0, COUNT=n,
+                   WAIT_SUBSCRIBERS=1, MODE="0640", GROUP=os.getegid())
+    path = wait_for_segment(chan)
+    assert os.stat(path).st_mode & 0o777 == 0o640
+    os.chown(path, 65534, -1)  # another owner; the reader's group stays the segment's
+    reader = unprivileged_reader(procs, URL=url, COUNT=n, VERIFY="pattern")
+    records = reader.records(n)
+    assert reader.wait() == 0 and writer.wait() == 0, reader.log()
+    assert all(r["valid"] and r["transport"] == "shm" for r in records)
+
+
+def test_reader_that_cannot_map_exits_after_repeated_failures(procs):
+    """A private segment (0600) of another user: the reader says why and, when asked, exits 3."""
+    url, chan = free_tcp_url(), channel()
+    writer = start(procs, "writer", URL=url, CHANNEL=chan, SLOT_SIZE="64k", RATE=50)
+    os.chown(wait_for_segment(chan), 65534, 65534)
+    reader = unprivileged_reader(procs, URL=url, EXIT_ON_MAP_FAILURES=2, RETRY_MAX=0.1)
+    assert reader.wait() == edge.EXIT_NO_MAPPING
+    assert "Permission denied" in reader.log() and "exiting" in reader.log()
+    assert writer.terminate() == 0
+    assert segments_of(chan) == []
 
 
 def test_writer_refuses_a_frame_larger_than_its_slots(procs, tmp_path):

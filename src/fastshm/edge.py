@@ -60,6 +60,10 @@ log = logging.getLogger("fastshm.edge")
 #: Exit status of a run stopped by a configuration or start-up error.
 EXIT_CONFIG = 2
 
+#: Exit status of a reader that could not map the writer's segment
+#: ``FASTSHM_EXIT_ON_MAP_FAILURES`` times in a row.
+EXIT_NO_MAPPING = 3
+
 #: The longest a blocking call waits before the stop flag is looked at again.
 _POLL = 0.2
 
@@ -178,6 +182,8 @@ _READER = [
     _opt("VERIFY", _choice("none", "pattern"), "none", "pattern: check each frame against the writer's test pattern"),
     _opt("RETRY_MAX", _non_negative(float), "2", "longest wait between two connection attempts, seconds"),
     _opt("CONNECT_TIMEOUT", _non_negative(float), "5", "seconds one connection attempt may take"),
+    _opt("EXIT_ON_MAP_FAILURES", _non_negative(int), "0",
+         "exit (status 3) after this many connections in a row could not map the writer's segment (0: never)"),
 ]
 
 #: The environment variables each entrypoint reads (besides IOTEDGE_*).
@@ -233,6 +239,7 @@ class ReaderConfig:
     verify: str = "none"
     retry_max: float = 2.0
     connect_timeout: float = 5.0
+    exit_on_map_failures: int = 0
     module: str | None = None
     device: str | None = None
 
@@ -734,6 +741,7 @@ def run_reader(cfg: ReaderConfig, stop: _Stop | None = None, out: IO[str] | None
     quiet = _QuietLog()
     try:
         backoff = _Backoff(0.05, cfg.retry_max)
+        map_failures = 0
         while not stop:
             sub = _connect(cfg)
             if isinstance(sub, BaseException):
@@ -741,11 +749,14 @@ def run_reader(cfg: ReaderConfig, stop: _Stop | None = None, out: IO[str] | None
                 log.debug("connecting to %s: %s", cfg.url, sub)
                 stop.sleep(backoff.next())
                 continue
+            mapped = False
             try:
                 with sub:
                     _wait_ready(sub, stop)
                     if stop:
                         break
+                    mapped = True
+                    map_failures = 0
                     quiet.reset()
                     backoff.reset()
                     log.info("connected to %s", cfg.url)
@@ -758,17 +769,24 @@ def run_reader(cfg: ReaderConfig, stop: _Stop | None = None, out: IO[str] | None
                         received += 1
                         if cfg.count and received >= cfg.count:
                             return 0
-            except ConnectionError as exc:
-                # The writer went away (stopped, restarted, crashed): connect again.
-                if not stop:
+            except (ConnectionError, FastShmError, OSError) as exc:
+                if stop:
+                    break
+                if mapped:
+                    # The writer went away (stopped, restarted, crashed): connect again.
                     quiet(logging.INFO, f"lost the writer on {cfg.url} ({exc}): reconnecting")
-            except (FastShmError, OSError) as exc:
-                # The writer's segment cannot be mapped here (no shared /dev/shm, or
-                # its mode and group do not admit this user), or it sent something
-                # invalid: say why, then try again, slowly.
-                if not stop:
-                    quiet(logging.ERROR, f"cannot read from the writer on {cfg.url}: {exc}")
-                    stop.sleep(backoff.largest)
+                    continue
+                # The writer's segment cannot be mapped here: no shared /dev/shm (a
+                # re-created writer container has a new one), its mode and group do
+                # not admit this user, or the writer closed just then.
+                map_failures += 1
+                quiet(logging.ERROR, f"cannot map the segment of the writer on {cfg.url}: {exc}")
+                if cfg.exit_on_map_failures and map_failures >= cfg.exit_on_map_failures:
+                    log.error("could not map the writer's segment %d times in a row: exiting so that "
+                              "the container is restarted and joins the writer's /dev/shm again",
+                              map_failures)
+                    return EXIT_NO_MAPPING
+                stop.sleep(backoff.next())
         return 0
     except BrokenPipeError:
         # stdout went away (`fastshm-reader | head`): nothing left to report to.
