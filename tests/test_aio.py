@@ -96,7 +96,7 @@ def test_send_waits_for_a_release_without_blocking_the_loop():
                 receiving = asyncio.ensure_future(sub.receive())
                 await asyncio.sleep(0.2)
                 assert not sending.done() and not receiving.done()
-                assert ticks >= 5
+                assert ticks >= 3  # the loop ran while the send waited
                 # Let one go while the subscriber is waiting for the next frame: the
                 # release reaches the publisher, the send completes, the frame arrives.
                 first = held.pop(0)

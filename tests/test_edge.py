@@ -234,6 +234,28 @@ def test_writer_and_reader_exchange_frames(procs, reader_first):
     assert segments_of(chan) == []
 
 
+@pytest.mark.parametrize("policy", ["drop", "latest"])
+def test_overflow_policy_reaches_the_writer(procs, tmp_path, policy):
+    """With drop or latest the writer never waits for the reader: it may skip frames."""
+    url, chan, n = f"unix://{tmp_path / 'route.sock'}", channel(), 200
+    reader = start(procs, "reader", URL=url, VERIFY="pattern")
+    writer = start(procs, "writer", URL=url, CHANNEL=chan, SLOT_SIZE="64k", SLOTS=4, RATE=0,
+                   COUNT=n, WAIT_SUBSCRIBERS=1, POLICY=policy, SEND_TIMEOUT=0)
+    assert writer.wait() == 0, writer.log()
+    assert "dropped 0" in writer.log()  # no send ever failed: the policy skipped instead
+    records = reader.records(1)
+    assert reader.terminate() == 0
+    while True:
+        line = reader.lines.get(timeout=TIMEOUT)
+        if line is None:
+            break
+        records.append(json.loads(line))
+    seqs = [r["seq"] for r in records]
+    assert seqs == sorted(set(seqs)) and all(1 <= q <= n for q in seqs)
+    assert all(r["valid"] for r in records)
+    assert segments_of(chan) == []
+
+
 def test_sigterm_stops_both_cleanly(procs, tmp_path):
     sock = tmp_path / "route.sock"
     url, chan = f"unix://{sock}", channel()
