@@ -160,7 +160,8 @@ def test_parse_size():
     assert edge.parse_size("64k") == 65536
     assert edge.parse_size("1M") == edge.parse_size("1MiB") == edge.parse_size("1mb") == 1 << 20
     assert edge.parse_size("2G") == 2 << 30
-    for bad in ("", "-1", "1.5M", "12 parsecs"):
+    assert edge.parse_size("100b") == edge.parse_size(" 100 ") == 100
+    for bad in ("", "-1", "1.5M", "12 parsecs", "1i", "1ib", "1kk"):
         with pytest.raises(ValueError):
             edge.parse_size(bad)
 

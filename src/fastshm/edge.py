@@ -72,7 +72,7 @@ _POLL = 0.2
 # Configuration
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)(i?b?)\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:([kmg])(?:i?b)?|b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
@@ -94,7 +94,7 @@ def parse_size(text: str | int) -> int:
     m = _SIZE_RE.match(text)
     if m is None:
         raise ValueError(f"not a size: {text!r} (use bytes, or a k/M/G suffix)")
-    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
 
 
 def _parse_mode(text: str | int) -> int:
