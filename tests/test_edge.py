@@ -395,6 +395,12 @@ class IoTHubModuleClient:
         assert os.environ["IOTEDGE_MODULEID"]
         return cls()
     def connect(self):
+        # Fail the first FAKE_IOTEDGE_FAILS connections, as while edgeHub is starting.
+        marker = os.environ["FAKE_IOTEDGE_LOG"] + ".fails"
+        fails = int(open(marker).read()) if os.path.exists(marker) else 0
+        if fails < int(os.environ.get("FAKE_IOTEDGE_FAILS", "0")):
+            open(marker, "w").write(str(fails + 1))
+            raise ConnectionRefusedError("edgeHub is not up yet")
         self.log = open(os.environ["FAKE_IOTEDGE_LOG"], "a")
     def send_message_to_output(self, message, output_name):
         self.log.write(json.dumps({"output": output_name, "type": message.content_type,
@@ -415,16 +421,17 @@ def test_reader_reports_to_the_iot_edge_output(procs, tmp_path):
     (package / "__init__.py").write_text(FAKE_AZURE)
     sent = tmp_path / "sent.jsonl"
     url, chan = f"unix://{tmp_path / 'route.sock'}", channel()
-    env = base_env(URL=url, COUNT=6, OUTPUT="frames", OUTPUT_EVERY=2,
+    n = 20  # one second of frames: the reader's first connection to "edgeHub" fails
+    env = base_env(URL=url, COUNT=n, OUTPUT="frames", OUTPUT_EVERY=2,
                    IOTEDGE_MODULEID="fastshm-reader", IOTEDGE_DEVICEID="dev",
                    IOTEDGE_WORKLOADURI="unix:///var/run/iotedge/workload.sock",
-                   FAKE_IOTEDGE_LOG=sent)
+                   FAKE_IOTEDGE_LOG=sent, FAKE_IOTEDGE_FAILS=1)
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "fake"), env["PYTHONPATH"]])
     reader = Proc("reader", env)
     procs.append(reader)
-    writer = start(procs, "writer", URL=url, CHANNEL=chan, SLOT_SIZE="8k", RATE=0, COUNT=6,
+    writer = start(procs, "writer", URL=url, CHANNEL=chan, SLOT_SIZE="8k", RATE=20, COUNT=n,
                    WAIT_SUBSCRIBERS=1)
-    stdout = reader.records(6)
+    stdout = reader.records(n)
     assert reader.wait() == 0 and writer.wait() == 0, reader.log()
     lines = [json.loads(line) for line in sent.read_text().splitlines()]
     assert lines[-1] == {"shutdown": True}
@@ -432,6 +439,7 @@ def test_reader_reports_to_the_iot_edge_output(procs, tmp_path):
     assert [r["body"] for r in reports] == stdout[::2]
     assert {(r["output"], r["type"], r["encoding"]) for r in reports} == \
         {("frames", "application/json", "utf-8")}
+    assert "cannot connect to the IoT Edge hub yet" in reader.log()  # and then could
 
 
 def test_python_m_fastshm_edge_usage():

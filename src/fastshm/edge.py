@@ -573,15 +573,20 @@ def _send(pub: Any, frame: memoryview, timeout: float, stop: _Stop) -> bool:
 class _EdgeOutput:
     """Reports sent to an IoT Edge output by a worker thread, never blocking the reader.
 
-    When the IoT Edge hub is slow or gone, reports queue up to a bound and then the
-    oldest are dropped: the frames keep flowing.
+    The worker connects to the IoT Edge hub, retrying with a backoff while the hub is
+    not up yet, then sends the reports. While it cannot send, reports queue up to a
+    bound and then the oldest are dropped: the frames keep flowing.
     """
 
-    def __init__(self, client: Any, message_type: Any, output: str, maxsize: int = 256) -> None:
-        self._client = client
+    def __init__(self, connect: Callable[[], Any], message_type: Any, output: str,
+                 maxsize: int = 256, retry_max: float = 30.0) -> None:
+        self._connect = connect
+        self._client: Any = None
         self._message = message_type
         self._output = output
+        self._retry_max = retry_max
         self._queue: queue.Queue[str | None] = queue.Queue(maxsize)
+        self._closing = threading.Event()
         self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="fastshm-edge-output", daemon=True)
         self._thread.start()
@@ -595,6 +600,7 @@ class _EdgeOutput:
 
     @classmethod
     def create(cls, output: str, environ: dict[str, str]) -> "_EdgeOutput | None":
+        """An output when it is asked for, IoT Edge runs this module and the SDK is there."""
         if not output:
             return None
         if not cls.in_iot_edge(environ):
@@ -605,16 +611,20 @@ class _EdgeOutput:
         except ImportError:
             log.warning("azure-iot-device is not installed (pip install 'fastshm[iotedge]'): reporting to stdout only")
             return None
-        try:
+
+        def connect() -> Any:
             client = IoTHubModuleClient.create_from_edge_environment()
-            client.connect()
-        except Exception as exc:  # the SDK raises many unrelated types
-            log.warning("cannot connect to the IoT Edge hub (%s): reporting to stdout only", exc)
-            return None
-        log.info("reporting to IoT Edge output %r", output)
-        return cls(client, Message, output)
+            try:
+                client.connect()
+            except BaseException:
+                client.shutdown()
+                raise
+            return client
+
+        return cls(connect, Message, output)
 
     def put(self, line: str) -> None:
+        """Queue a report; the oldest goes when the queue is full."""
         while True:
             try:
                 self._queue.put_nowait(line)
@@ -627,6 +637,20 @@ class _EdgeOutput:
                     pass
 
     def _run(self) -> None:
+        delay = 0.5
+        quiet = _QuietLog()
+        while self._client is None:
+            try:
+                self._client = self._connect()
+            except Exception as exc:  # the SDK raises many unrelated types
+                if self._closing.is_set():
+                    log.warning("could not connect to the IoT Edge hub (%s): %d report(s) not sent",
+                                exc, self._queue.qsize())
+                    return
+                quiet(logging.WARNING, f"cannot connect to the IoT Edge hub yet ({exc}): retrying")
+                self._closing.wait(delay)  # close() cuts the wait short, for a last attempt
+                delay = min(delay * 2, self._retry_max)
+        log.info("reporting to IoT Edge output %r", self._output)
         while True:
             line = self._queue.get()
             if line is None:
@@ -640,18 +664,17 @@ class _EdgeOutput:
 
     def close(self, timeout: float = 2.0) -> None:
         """Send what is queued (for up to ``timeout`` seconds) and disconnect."""
-        self.put_end()
-        self._thread.join(timeout)
+        self._closing.set()
         try:
-            self._client.shutdown()
-        except Exception as exc:
-            log.debug("IoT Edge client shutdown: %s", exc)
-
-    def put_end(self) -> None:
-        try:
-            self._queue.put(None, timeout=0.5)
+            self._queue.put(None, timeout=timeout / 4)
         except queue.Full:
             pass
+        self._thread.join(timeout)
+        if self._client is not None:
+            try:
+                self._client.shutdown()
+            except Exception as exc:
+                log.debug("IoT Edge client shutdown: %s", exc)
 
 
 class _Reporter:
