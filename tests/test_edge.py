@@ -311,6 +311,17 @@ def test_stdin_source_sends_whole_frames(procs, tmp_path):
     assert "partial frame of 7 bytes" in writer.log()
 
 
+def test_sigterm_stops_a_writer_waiting_on_a_silent_pipe(procs, tmp_path):
+    url, chan = f"unix://{tmp_path / 'route.sock'}", channel()
+    writer = Proc("writer", base_env(URL=url, CHANNEL=chan, SLOT_SIZE=4096, SOURCE="stdin"),
+                  stdin=subprocess.PIPE)
+    procs.append(writer)
+    wait_for_segment(chan)
+    time.sleep(0.3)  # blocked on stdin, which stays open and silent
+    assert writer.terminate() == 0, writer.log()
+    assert segments_of(chan) == []
+
+
 def test_file_source_loops(procs, tmp_path):
     url, chan, size = f"unix://{tmp_path / 'route.sock'}", channel(), 4096
     raw = tmp_path / "frames.raw"

@@ -28,13 +28,14 @@ import logging
 import os
 import queue
 import re
+import select
 import signal
 import sys
 import threading
 import time
 import zlib
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import IO, Any, Callable, Sequence
 
 from ._core import buffers_equal
 from .demo import PERIOD, expected_frame, pattern
@@ -379,28 +380,65 @@ class _PatternSource:
         return expected_frame(self._base, seq, self._size)
 
 
-def _stream_frames(stream: IO[bytes], size: int, rewind: bool, name: str) -> Iterator[memoryview]:
-    """Whole frames of ``size`` bytes read into one reused buffer; None at the end."""
-    frame = bytearray(size)
-    view = memoryview(frame)
-    while True:
+class _Interrupted(Exception):
+    """Raised inside a loan to give the slot back unsent."""
+
+
+class _StreamSource:
+    """Raw frames of ``size`` bytes read from a file or pipe straight into loaned slots.
+
+    No intermediate buffer: each frame is read into the shared-memory slot that
+    carries it. Reads wait in slices, so a stop request is seen even while a pipe is
+    silent; a slot that cannot be had is waited for (the source is held back rather
+    than frames thrown away).
+    """
+
+    def __init__(self, stream: IO[bytes], size: int, rewind: bool, name: str) -> None:
+        self._stream = stream
+        self._size = size
+        self._rewind = rewind
+        self._name = name
+
+    def send(self, pub: Any, stop: _Stop) -> bool | None:
+        """Read and send one frame: True when sent, None at the end, False on a stop."""
+        while not stop:
+            try:
+                with pub.loan(self._size, timeout=_POLL) as slot:
+                    filled = self._fill(slot, stop)
+                    if filled < self._size:
+                        raise _Interrupted(filled)
+                return True
+            except Full:
+                continue  # the readers hold every slot: hold the source back
+            except _Interrupted as exc:
+                if stop:
+                    return False
+                filled = exc.args[0]
+                if filled:
+                    log.warning("%s: dropping a partial frame of %d bytes at the end", self._name, filled)
+                if self._rewind and self._stream.seekable() and self._stream.tell() >= self._size:
+                    self._stream.seek(0)
+                    continue
+                if self._rewind:
+                    log.error("%s: cannot start again (not seekable, or shorter than one frame)", self._name)
+                return None
+        return False
+
+    def _fill(self, slot: memoryview, stop: _Stop) -> int:
         filled = 0
-        while filled < size:
-            n = stream.readinto(view[filled:])  # type: ignore[attr-defined]
+        fd = self._stream.fileno()
+        while filled < self._size:
+            ready, _, _ = select.select([fd], [], [], _POLL)
+            if stop:
+                break
+            if not ready:
+                continue
+            with slot[filled:] as part:
+                n = self._stream.readinto(part)  # type: ignore[attr-defined]
             if not n:
                 break
             filled += n
-        if filled == size:
-            yield view
-            continue
-        if filled:
-            log.warning("%s: dropping a partial frame of %d bytes at the end", name, filled)
-        if rewind and stream.seekable() and stream.tell() >= size:
-            stream.seek(0)
-            continue
-        if rewind:
-            log.error("%s: cannot start again (not seekable, or shorter than one frame)", name)
-        return
+        return filled
 
 
 # --------------------------------------------------------------------------------------
@@ -427,18 +465,20 @@ def run_writer(cfg: WriterConfig, stop: _Stop | None = None) -> int:
             log.error("FASTSHM_FRAME_SIZE (%d) is larger than FASTSHM_SLOT_SIZE (%d)", frame_size, cfg.slot_size)
             return EXIT_CONFIG
         close_source: Callable[[], None] = lambda: None
-        frames: Iterator[memoryview] | None = None
-        pattern: _PatternSource | None = None
+        source: _PatternSource | _StreamSource
         try:
             if cfg.source == "pattern":
-                pattern = _PatternSource(frame_size)
-            elif cfg.source in ("stdin", "-"):
-                frames = _stream_frames(sys.stdin.buffer, frame_size, False, "stdin")
+                source = _PatternSource(frame_size)
             else:
-                path = cfg.source[len("file:"):] if cfg.source.startswith("file:") else cfg.source
-                f = open(path, "rb")
+                if cfg.source in ("stdin", "-"):
+                    # Unbuffered: one read() per call, so a silent pipe never blocks a stop.
+                    f = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
+                    name = "stdin"
+                else:
+                    name = cfg.source[len("file:"):] if cfg.source.startswith("file:") else cfg.source
+                    f = open(name, "rb", buffering=0)
                 close_source = f.close
-                frames = _stream_frames(f, frame_size, cfg.loop, path)
+                source = _StreamSource(f, frame_size, cfg.loop, name)
         except OSError as exc:
             log.error("cannot open the source %r: %s", cfg.source, exc)
             return EXIT_CONFIG
@@ -455,7 +495,7 @@ def run_writer(cfg: WriterConfig, stop: _Stop | None = None) -> int:
                     cfg.source, cfg.rate or "max",
                 )
                 if not cfg.wait_subscribers or _wait_for_subscribers(pub, cfg.wait_subscribers, stop):
-                    _publish(pub, cfg, stop, pattern, frames)
+                    _publish(pub, cfg, stop, source)
                     if not stop:
                         _drain(pub, stop)
             log.info("writer stopped")
@@ -498,23 +538,22 @@ def _wait_for_subscribers(pub: Any, n: int, stop: _Stop) -> bool:
     return False
 
 
-def _publish(pub: Any, cfg: WriterConfig, stop: _Stop, pattern: _PatternSource | None, frames: Iterator[memoryview] | None) -> None:
+def _publish(pub: Any, cfg: WriterConfig, stop: _Stop, source: _PatternSource | _StreamSource) -> None:
     interval = 1.0 / cfg.rate if cfg.rate > 0 else 0.0
     next_at = time.monotonic()
     stats_at = next_at + 10.0
     sent = dropped = 0
-    seq = 0  # the publisher numbers messages 1, 2, ... in the order of successful sends
     while not stop:
-        if pattern is not None:
-            frame = pattern.frame(seq + 1)
+        if isinstance(source, _PatternSource):
+            # The publisher numbers messages 1, 2, ... in the order they are sent: the
+            # frame for the next one is the pattern's frame of that number.
+            ok: bool | None = _send(pub, source.frame(sent + 1), cfg.send_timeout, stop)
         else:
-            assert frames is not None
-            frame = next(frames, None)  # type: ignore[arg-type]
-            if frame is None:
+            ok = source.send(pub, stop)
+            if ok is None:
                 log.info("end of the source")
                 break
-        if _send(pub, frame, cfg.send_timeout, stop):
-            seq += 1
+        if ok:
             sent += 1
         elif stop:
             break
