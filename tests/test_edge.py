@@ -211,7 +211,7 @@ def test_test_pattern_is_numbered_by_sequence():
 @pytest.mark.parametrize("reader_first", [True, False], ids=["reader-first", "writer-first"])
 def test_writer_and_reader_exchange_frames(procs, reader_first):
     url, chan, n = free_tcp_url(), channel(), 20
-    reader_env = dict(URL=url, COUNT=n, VERIFY="pattern", IOTEDGE_MODULEID="fastshm-reader",
+    reader_env = dict(URL=url, COUNT=n, VERIFY="pattern", IOTEDGE_MODULEID="fastshmreader",
                       IOTEDGE_DEVICEID="test-device")
     writer_env = dict(URL=url, CHANNEL=chan, SLOT_SIZE="64k", SLOTS=4, RATE=0, COUNT=n,
                       WAIT_SUBSCRIBERS=1)
@@ -231,7 +231,7 @@ def test_writer_and_reader_exchange_frames(procs, reader_first):
         assert r["bytes"] == 65536 and r["valid"] is True and r["transport"] == "shm"
         assert r["checksum"] == "crc32:%08x" % zlib.crc32(edge.test_pattern(r["seq"], 65536))
         assert r["latency_ms"] >= 0
-        assert (r["module"], r["device"]) == ("fastshm-reader", "test-device")
+        assert (r["module"], r["device"]) == ("fastshmreader", "test-device")
     assert segments_of(chan) == []
 
 
@@ -434,7 +434,7 @@ def test_reader_reports_to_the_iot_edge_output(procs, tmp_path):
     url, chan = f"unix://{tmp_path / 'route.sock'}", channel()
     n = 20  # one second of frames: the reader's first connection to "edgeHub" fails
     env = base_env(URL=url, COUNT=n, OUTPUT="frames", OUTPUT_EVERY=2,
-                   IOTEDGE_MODULEID="fastshm-reader", IOTEDGE_DEVICEID="dev",
+                   IOTEDGE_MODULEID="fastshmreader", IOTEDGE_DEVICEID="dev",
                    IOTEDGE_WORKLOADURI="unix:///var/run/iotedge/workload.sock",
                    FAKE_IOTEDGE_LOG=sent, FAKE_IOTEDGE_FAILS=1)
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "fake"), env["PYTHONPATH"]])
@@ -488,7 +488,7 @@ def test_deployment_has_the_runtime_and_both_modules(deployment):
     assert agent["schemaVersion"] == hub["schemaVersion"] == "1.1"
     assert agent["runtime"]["type"] == "docker"
     assert set(agent["systemModules"]) == {"edgeAgent", "edgeHub"}
-    assert set(agent["modules"]) == {"fastshm-writer", "fastshm-reader"}
+    assert set(agent["modules"]) == {"fastshmwriter", "fastshmreader"}
     for name, module in agent["modules"].items():
         assert module["type"] == "docker" and module["status"] == "running"
         assert module["restartPolicy"] in ("never", "on-failure", "on-unhealthy", "always")
@@ -501,8 +501,8 @@ def test_deployment_has_the_runtime_and_both_modules(deployment):
 
 def test_deployment_environment_is_what_the_entrypoints_read(deployment):
     modules = deployment["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]
-    writer_env = {k: v["value"] for k, v in modules["fastshm-writer"]["env"].items()}
-    reader_env = {k: v["value"] for k, v in modules["fastshm-reader"]["env"].items()}
+    writer_env = {k: v["value"] for k, v in modules["fastshmwriter"]["env"].items()}
+    reader_env = {k: v["value"] for k, v in modules["fastshmreader"]["env"].items()}
     assert set(writer_env) <= edge.WRITER_ENV
     assert set(reader_env) <= edge.READER_ENV
     # Values parse as the entrypoints parse them (placeholders aside).
@@ -515,7 +515,7 @@ def test_deployment_environment_is_what_the_entrypoints_read(deployment):
     wport = re.fullmatch(r"tcp://0\.0\.0\.0:(\d+)", wcfg.url)
     rhost = re.fullmatch(r"tcp://([^:]+):(\d+)", rcfg.url)
     assert wport and rhost
-    assert rhost.group(1) == "fastshm-writer" and rhost.group(2) == wport.group(1)
+    assert rhost.group(1) == "fastshmwriter" and rhost.group(2) == wport.group(1)
     assert writer_env["FASTSHM_SECRET"] == reader_env["FASTSHM_SECRET"] == "${FASTSHM_SECRET}"
     # Group-readable, not world-readable: the reader runs as another user of the group.
     assert wcfg.mode & 0o040 and not wcfg.mode & 0o007
@@ -524,10 +524,10 @@ def test_deployment_environment_is_what_the_entrypoints_read(deployment):
 
 def test_deployment_shares_ipc_and_sizes_dev_shm(deployment):
     modules = deployment["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]
-    writer, reader = modules["fastshm-writer"], modules["fastshm-reader"]
+    writer, reader = modules["fastshmwriter"], modules["fastshmreader"]
     wopts, ropts = create_options(writer), create_options(reader)
     assert wopts["HostConfig"]["IpcMode"] == "shareable"
-    assert ropts["HostConfig"]["IpcMode"] == "container:fastshm-writer"
+    assert ropts["HostConfig"]["IpcMode"] == "container:fastshmwriter"
     assert "ShmSize" not in ropts["HostConfig"]  # the reader uses the writer's /dev/shm
     assert writer["startupOrder"] < reader["startupOrder"]
     env = {k: v["value"] for k, v in writer["env"].items()}
@@ -537,7 +537,7 @@ def test_deployment_shares_ipc_and_sizes_dev_shm(deployment):
     # Different users, one group; the images say the same.
     wuser, ruser = wopts["User"].split(":"), ropts["User"].split(":")
     assert wuser[0] != ruser[0] and wuser[1] == ruser[1]
-    for name, user in (("fastshm-writer", wopts["User"]), ("fastshm-reader", ropts["User"])):
+    for name, user in (("fastshmwriter", wopts["User"]), ("fastshmreader", ropts["User"])):
         for dockerfile in (EXAMPLE / "modules" / name).glob("Dockerfile.*"):
             assert f"USER {user}" in dockerfile.read_text()
 
@@ -545,13 +545,16 @@ def test_deployment_shares_ipc_and_sizes_dev_shm(deployment):
 def test_deployment_routes_the_reader_output_upstream(deployment):
     routes = deployment["modulesContent"]["$edgeHub"]["properties.desired"]["routes"]
     modules = deployment["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]
-    output = modules["fastshm-reader"]["env"]["FASTSHM_OUTPUT"]["value"]
-    assert f"FROM /messages/modules/fastshm-reader/outputs/{output} INTO $upstream" in \
+    output = modules["fastshmreader"]["env"]["FASTSHM_OUTPUT"]["value"]
+    assert f"FROM /messages/modules/fastshmreader/outputs/{output} INTO $upstream" in \
         routes.values()
 
 
-@pytest.mark.parametrize("name", ["fastshm-writer", "fastshm-reader"])
-def test_module_json_and_dockerfiles(name):
+@pytest.mark.parametrize("name,script", [("fastshmwriter", "fastshm-writer"),
+                                         ("fastshmreader", "fastshm-reader")])
+def test_module_json_and_dockerfiles(name, script):
+    # Module names are letters and digits: they are container and host names too.
+    assert re.fullmatch(r"[a-z0-9]+", name)
     folder = EXAMPLE / "modules" / name
     spec = load_json(folder / "module.json")
     image = spec["image"]
@@ -565,7 +568,7 @@ def test_module_json_and_dockerfiles(name):
         assert froms == [("arm64v8/" if platform == "arm64v8" else "") +
                          "python:${PYTHON_VERSION}-slim-bookworm"]
         assert "COPY wheels/ " in text and "--no-index --find-links" in text
-        assert f'CMD ["{name}"]' in text
+        assert f'CMD ["{script}"]' in text
         assert re.search(r"^USER \d+:\d+$", text, re.M)  # numeric: non-root is checkable
 
 
