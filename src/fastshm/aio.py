@@ -292,7 +292,7 @@ class AsyncSubscriber:
             except Disconnected:
                 # A publisher that said goodbye ends the iteration, as in the blocking
                 # API; one that vanished is an error.
-                if self._sub.said_goodbye:
+                if self._sub is not None and self._sub.said_goodbye:
                     raise StopAsyncIteration from None
                 raise
             if msg is not None:
