@@ -148,14 +148,12 @@ print(f"contents ok: {len(pkg)} files in fastshm/ ({', '.join(sorted(n[8:] for n
 PY
 }
 
-suite_copy() {  # suite_copy DIR : the tests (and the examples they run), without the sources
-    mkdir -p "$1/config"
-    cp -r "$ROOT/tests" "$1/"
-    [ -d "$ROOT/examples" ] && cp -r "$ROOT/examples" "$1/"
-    # pytest's settings, kept out of DIR itself: with no pyproject.toml beside
-    # tests/, the checks that need a source checkout (mypy on src/) skip.
-    cp "$ROOT/pyproject.toml" "$1/config/"
-    find "$1" -name __pycache__ -prune -exec rm -rf {} +
+suite_copy() {  # suite_copy DIR : the source tree as the sdist ships it, tests included
+    # Its src/ is not on sys.path (pytest runs from DIR, fastshm lives in DIR/src),
+    # so the tests import the installed wheel; the checks that read the sources
+    # (mypy on src/, pyproject.toml) have them.
+    mkdir -p "$1"
+    tar -xzf "$SDIST" -C "$1" --strip-components=1
 }
 
 summary_line() {  # the closing "N passed ..." line of a pytest log
@@ -165,7 +163,7 @@ summary_line() {  # the closing "N passed ..." line of a pytest log
 run_suite() {  # run_suite PYTHON LABEL : the test suite against the installed wheel
     local py=$1 label=$2 tmp rc
     tmp=$(mktemp -d)
-    # A copy of tests/ away from src/, so that only the installed fastshm can be imported.
+    # The sdist's tree, away from the checkout: only the installed fastshm can be imported.
     suite_copy "$tmp"
     (cd "$tmp" && "$py" -c "import fastshm, platform, sysconfig
 where = fastshm.__file__
@@ -179,7 +177,7 @@ print('testing', where, 'on', platform.machine(), platform.python_version(), *pl
     # that it leaves no segment behind, which other programs using fastshm on
     # the same machine must not disturb (nor be disturbed by).
     (cd "$tmp" && unshare --mount --propagation private /bin/sh -c \
-        'mount -t tmpfs -o mode=1777,size=1g fastshm-test /dev/shm && exec "$0" -m pytest -c config/pyproject.toml --rootdir . -p no:cacheprovider -q tests' \
+        'mount -t tmpfs -o mode=1777,size=1g fastshm-test /dev/shm && exec "$0" -m pytest -p no:cacheprovider -q tests' \
         "$py") > "$tmp/pytest.log" 2>&1
     rc=$?
     set -e
@@ -300,7 +298,7 @@ check_bullseye() {
         || { tail -20 "$CACHE/bullseye-pip.log"; die "pip download for bullseye failed"; }
     rm -rf "$work"; mkdir -p "$work/deps"
     cp "$deps"/*.whl "$work/deps/"; cp "$X86_CP39" "$SDIST" "$work/deps/"
-    suite_copy "$work"
+    suite_copy "$work/tree"
     trap bullseye_umount EXIT
     bullseye_mounts
     local whl sdist rc
@@ -311,8 +309,9 @@ check_bullseye() {
         python3 -m venv venv
         venv/bin/pip install -q --no-index --find-links deps 'deps/$whl[test]'
         cd /tmp && /tmp/fastshm-check/venv/bin/python -c 'import fastshm, platform; print(\"wheel: imported\", fastshm.__file__, *platform.libc_ver())'
+        cd /tmp/fastshm-check/tree
+        ../venv/bin/python -m pytest -p no:cacheprovider -q tests
         cd /tmp/fastshm-check
-        venv/bin/python -m pytest -c config/pyproject.toml --rootdir . -p no:cacheprovider -q tests
         echo 'sdist: build with gcc' \$(gcc -dumpversion) 'on glibc 2.31'
         python3 -m venv venv-sdist
         venv-sdist/bin/pip install -q -U --no-index --find-links deps Cython setuptools wheel
