@@ -669,7 +669,7 @@ class Publisher:
     def _service(self, timeout: Optional[float]) -> int:
         self._last_service = time.monotonic()
         pending = [p for p in self._ready if p.stream.pending]
-        if pending:
+        if pending and not (self._corked and timeout == 0):  # a batch flushes at 64 KiB or its end
             for peer in pending:
                 try:
                     peer.stream.flush(0)
