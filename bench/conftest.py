@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import signal
 import sys
 
 import pytest
@@ -106,8 +107,15 @@ def size_id(size: int) -> str:
     return f"{size}B"
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config._bench_profile = make_profile(config)  # type: ignore[attr-defined]
+    # a terminated run (CI timeout, `timeout`, kill) still stops its consumers and removes
+    # its files and segments: pytest unwinds a KeyboardInterrupt through every finally
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -168,7 +176,17 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         "kernel": platform.release(),
         "placements": list(prof.placements),
         "cpu_model": _cpu_model(),
+        "fastshm": _version("fastshm"),
+        "numpy": _version("numpy"),
+        "pyzmq": _version("zmq"),
     }
+
+
+def _version(module: str) -> str | None:
+    try:
+        return str(__import__(module).__version__)
+    except Exception:
+        return None
 
 
 def _cpu_model() -> str:

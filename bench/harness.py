@@ -53,6 +53,8 @@ class Resources:
         self.procs: dict[int, multiprocessing.process.BaseProcess] = {}
         self.paths: set[str] = set()
         self.shm_names: set[str] = set()
+        #: /dev/shm entries starting with one of these were made by this process's systems
+        self.shm_prefixes: set[str] = set()
         self._workdir: str | None = None
         self._lock = threading.Lock()
 
@@ -88,6 +90,17 @@ class Resources:
                 except OSError:
                     pass
             self.shm_names.discard(name)
+        try:
+            entries = os.listdir("/dev/shm") if self.shm_prefixes else []
+        except OSError:
+            entries = []
+        for entry in entries:
+            if any(entry.startswith(p) for p in self.shm_prefixes):
+                leaked.append(f"segment {entry}")
+                try:
+                    os.unlink("/dev/shm/" + entry)
+                except OSError:
+                    pass
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None

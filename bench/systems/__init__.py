@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from bench.systems.base import System
+from bench.systems.fastshm_ import FastShmTcp, FastShmUnix
 from bench.systems.mpqueue import MpQueue
 from bench.systems.shm import ShmDescriptor
 from bench.systems.sockets import BareTcp, BareUnix, TcpSocket, UnixSocket
 from bench.systems.zeromq import ZmqIpc, ZmqTcp
 
 SYSTEMS: list[type[System]] = [
+    FastShmTcp,
+    FastShmUnix,
     TcpSocket,
     UnixSocket,
     ShmDescriptor,

@@ -4,6 +4,8 @@ Subcommands
 -----------
 demo
     A writer and a reader process exchange frames; a summary is printed.
+bench
+    Run the benchmark suite (``bench/``): medians, ratios to the baselines, a chart.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from fastshm import demo
+from fastshm import bench, demo
 
 __all__ = ["main", "build_parser"]
 
@@ -28,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="stream frames from a writer process to a reader process")
     demo.add_arguments(p)
     p.set_defaults(run=demo.run_demo)
+
+    p = sub.add_parser("bench", help="run the benchmark suite: medians, ratios and a chart")
+    bench.add_arguments(p)
+    p.set_defaults(run=bench.run)
 
     # The demo's two processes (started by `demo`, not meant to be typed).
     p = sub.add_parser("demo-writer")
