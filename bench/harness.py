@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -260,15 +261,35 @@ def consumer_main(cfg: Config, endpoint: Any) -> None:
     if cfg.consumer_cpus is not None:
         os.sched_setaffinity(0, cfg.consumer_cpus)
     gc.disable()  # the loop creates no cycles; a collection would only add noise
-    cls = load_system(cfg.system)
-    rx = cls.Receiver(endpoint, cfg)
+    report = os.path.join(cfg.workdir, f"consumer-{os.getpid()}.txt")
+    count = [0]
     try:
-        consume(rx, cfg)
-    finally:
-        rx.close()
+        cls = load_system(cfg.system)
+        rx = cls.Receiver(endpoint, cfg)
+        try:
+            consume(rx, cfg, count)
+        finally:
+            rx.close()
+        note = f"consumer received {count[0]} messages; end: {getattr(rx, 'end', 'EOF')}\n"
+    except BaseException:
+        note = f"consumer failed after {count[0]} messages:\n{traceback.format_exc()}"
+        with open(report, "w") as f:
+            f.write(note)
+        raise
+    with open(report, "w") as f:
+        f.write(note)
 
 
-def consume(rx: Any, cfg: Config) -> None:
+def consumer_report(pid: int | None, workdir: str) -> str:
+    """What the consumer ``pid`` wrote when it ended ("" if nothing)."""
+    try:
+        with open(os.path.join(workdir, f"consumer-{pid}.txt")) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def consume(rx: Any, cfg: Config, counter: list[int] | None = None) -> None:
     """Receive until the producer ends the stream; check every message; ack."""
     size = cfg.size
     last = size - 1
@@ -294,6 +315,8 @@ def consume(rx: Any, cfg: Config) -> None:
                 raise AssertionError(f"message {count}: payload differs from what was sent")
         done()
         count += 1
+        if counter is not None:
+            counter[0] = count
         pending += 1
         if pending == ack_every:
             pending = 0
@@ -333,8 +356,12 @@ class Session:
             # one ack's worth of messages proves the pair works, outside any timed region
             self.stream_target(self.cfg.ack_every)()
             self.disarm()
-        except BaseException:
+        except BaseException as exc:
+            pid = self.proc.pid if self.proc is not None else None
             self.stop()
+            note = consumer_report(pid, self.cfg.workdir) if pid is not None else ""
+            if note and isinstance(exc, Exception):
+                raise RuntimeError(f"{exc!r}; {note}") from exc
             raise
         return self
 
@@ -360,8 +387,14 @@ class Session:
     def __enter__(self) -> "Session":
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        pid = self.proc.pid if self.proc is not None else None
         self.stop()
+        if exc is not None and pid is not None:
+            # say why the consumer went away, not only that it did
+            note = consumer_report(pid, self.cfg.workdir)
+            if note:
+                raise RuntimeError(f"{exc!r}; {note}") from exc
 
     # watchdog: a hung consumer is killed, which turns a hang into an error -------------
     def arm(self, seconds: float) -> None:

@@ -99,7 +99,8 @@ class FastShm(System):
         def receive(self) -> Any:
             try:
                 msg = self._receive()
-            except fastshm.Disconnected:
+            except fastshm.Disconnected as exc:
+                self.end = f"Disconnected: {exc}"
                 return None
             self.msg = msg
             self.view = memoryview(msg)
