@@ -286,6 +286,8 @@ cdef class Segment:
                 _raise_errno(err, "/" + self._name)
             PyErr_CheckSignals()
         try:
+            # Locked at once: `fastshm gc` must never take a segment being made for dead.
+            _lock_owner(fd)
             # shm_open applies the umask; the caller's mode is what they asked for.
             if fchmod(fd, cmode) != 0:
                 _raise_errno(errno, "/" + self._name)
@@ -333,7 +335,6 @@ cdef class Segment:
         self._readonly = False
         self._owner = True
         self._creator_pid = getpid()
-        _lock_owner(fd)
         return self
 
     @staticmethod
@@ -507,7 +508,11 @@ cdef class Segment:
             if limit >= 0 and view.len > limit:
                 raise ValueError(f"payload of {view.len} bytes does not fit in {limit} bytes")
             self._check_span(offset, view.len)
-            _copy(self._addr + offset, <const char *>view.buf, view.len)
+            self._exports += 1  # close() from another thread must wait for the copy
+            try:
+                _copy(self._addr + offset, <const char *>view.buf, view.len)
+            finally:
+                self._exports -= 1
             return view.len
         finally:
             PyBuffer_Release(&view)
@@ -516,7 +521,11 @@ cdef class Segment:
         """Return a copy of ``n`` bytes at ``offset`` as ``bytes``."""
         self._check_span(offset, n)
         cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
-        _copy(PyBytes_AS_STRING(out), self._addr + offset, n)
+        self._exports += 1
+        try:
+            _copy(PyBytes_AS_STRING(out), self._addr + offset, n)
+        finally:
+            self._exports -= 1
         return out
 
     def read_into(self, Py_ssize_t offset, buffer):
@@ -529,7 +538,11 @@ cdef class Segment:
         PyObject_GetBuffer(buffer, &view, PyBUF_ANY_CONTIGUOUS | PyBUF_WRITABLE)
         try:
             self._check_span(offset, view.len)
-            _copy(<char *>view.buf, self._addr + offset, view.len)
+            self._exports += 1
+            try:
+                _copy(<char *>view.buf, self._addr + offset, view.len)
+            finally:
+                self._exports -= 1
             return view.len
         finally:
             PyBuffer_Release(&view)
@@ -990,6 +1003,7 @@ cdef class Stream:
         fastshm_put_u32(p + 4, slot)
         fastshm_put_u64(p + 8, generation)
         self._wlen += RELEASE_ENTRY_SIZE
+        self.releases_queued += 1
         fastshm_put_u32(frame + HDR, count)
         fastshm_put_u32(frame + 4, 8 + count * RELEASE_ENTRY_SIZE)
         if count >= MAX_RELEASES:
@@ -1313,8 +1327,21 @@ cdef class Message:
 
     @property
     def meta(self):
-        """The metadata bytes sent with the message."""
-        return self.address.meta
+        """The metadata bytes the sender attached (after any array descriptor)."""
+        cdef bytes m = self.address.meta
+        if self.address.flags & FLAG_NDARRAY and len(m) >= 2:
+            return m[2 + m[1] + 8 * m[0]:]
+        return m
+
+    def array(self):
+        """A read-only numpy view of the payload, with the dtype and shape it was sent with.
+
+        Payloads that were not arrays come as 1-D ``uint8``.  The view keeps the
+        message, and so its slot, alive; releasing the message while the view
+        exists raises ``BufferError``.  Needs numpy.
+        """
+        from fastshm.arrays import message_array
+        return message_array(self)
 
     @property
     def inline(self):
