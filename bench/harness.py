@@ -432,7 +432,11 @@ class Session:
         return pingpong
 
     def stream_target(self, n: int) -> Callable[[], None]:
-        """A closure sending ``n`` messages with at most ``window`` in flight."""
+        """A closure sending ``n`` messages with at most ``window`` in flight.
+
+        The messages that fit in the window go out inside ``system.batch()`` (a system
+        that can write several in one syscall does so there), then it waits for an ack.
+        """
         window = self.cfg.window
         ack_every = self.cfg.ack_every
         if n % ack_every:
@@ -440,6 +444,7 @@ class Session:
         ring_stamp = self.ring.stamp
         send = self.system.send
         wait_ack = self.system.wait_ack
+        batch = self.system.batch
         session = self
 
         def stream() -> None:
@@ -447,10 +452,12 @@ class Session:
             end = seq + n
             acked = seq
             while seq < end:
-                if seq - acked >= window:
-                    acked += wait_ack() * ack_every
-                send(ring_stamp(seq))
-                seq += 1
+                stop = min(end, acked + window)
+                with batch():
+                    while seq < stop:
+                        send(ring_stamp(seq))
+                        seq += 1
+                acked += wait_ack() * ack_every
             while acked < end:
                 acked += wait_ack() * ack_every
             session.seq = end

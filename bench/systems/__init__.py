@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench.systems.base import System
-from bench.systems.fastshm_ import FastShmTcp, FastShmUnix
+from bench.systems.fastshm_ import FastShmLoanTcp, FastShmLoanUnix, FastShmTcp, FastShmUnix
 from bench.systems.mpqueue import MpQueue
 from bench.systems.shm import ShmDescriptor
 from bench.systems.sockets import BareTcp, BareUnix, TcpSocket, UnixSocket
@@ -12,6 +12,8 @@ from bench.systems.zeromq import ZmqIpc, ZmqTcp
 SYSTEMS: list[type[System]] = [
     FastShmTcp,
     FastShmUnix,
+    FastShmLoanTcp,
+    FastShmLoanUnix,
     TcpSocket,
     UnixSocket,
     ShmDescriptor,

@@ -12,6 +12,7 @@ Producer side (in the benchmark process)::
     system.accept(proc, timeout)    # after the consumer process was started
     system.send(i)                  # send ring.views[i] (stamped by the harness)
     n = system.wait_ack()           # block until at least one ack; return how many came
+    with system.batch(): ...        # optional: sends made back to back while streaming
     system.close()                  # end the stream (the consumer's receive returns None)
                                     # and free everything; must not raise
 
@@ -26,12 +27,16 @@ Consumer side (in the child), ``Cls.Receiver``::
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing.connection
 import os
 import socket
 from typing import Any, ClassVar
 
 from bench.harness import RESOURCES, Config, PayloadRing
+
+
+_NULL = contextlib.nullcontext()
 
 
 class System:
@@ -76,6 +81,10 @@ class System:
 
     def wait_ack(self) -> int:
         raise NotImplementedError
+
+    def batch(self) -> Any:
+        """A context manager around sends made back to back while streaming."""
+        return _NULL
 
     def close(self) -> None:
         pass

@@ -1,13 +1,19 @@
 """fastshm itself, through its public API (Publisher / Subscriber / Message).
 
-The payload goes into a slot of the publisher's segment (``send``: one copy) and only its
-address travels over the route; the subscriber reads the slot in place and releases it.
+``send``: the payload is copied into a slot of the publisher's segment (one copy) and only
+its address travels over the route. ``loan``: the producer writes into the slot in place, so
+nothing is copied at all; the benchmark writes only the two stamped bytes there (every slot
+holds the payload pattern from the start), which measures what the transport costs when the
+producer makes its data in the slot. The subscriber reads the slot in place and releases it.
+Streaming sends a window's worth of messages inside ``Publisher.batch()``.
+
 fastshm has no reply path of its own, so the 1-byte ack goes back on a plain socket of the
 same transport, exactly as the socket baselines send theirs on their connection.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -45,7 +51,7 @@ class FastShm(System):
             url = "unix://" + path
         # latency: the default 8 slots (most-recently-freed reuse keeps one hot);
         # streaming: one slot per message the harness lets be in flight
-        slots = max(8, cfg.window)
+        self.slots = slots = max(8, cfg.window)
         self.pub = fastshm.Publisher(url, slot_size=cfg.size, slots=slots, channel=CHANNEL,
                                      send_timeout=cfg.timeout)
         self.lsock: Any = None
@@ -69,6 +75,10 @@ class FastShm(System):
     def send(self, i: int) -> None:
         if not self._pub_send(self._views[i]):
             raise ConnectionError("the subscriber is gone")
+
+    def batch(self) -> Any:
+        # streaming: the addresses of a window's worth of messages in one syscall
+        return self.pub.batch()
 
     def wait_ack(self) -> int:
         n = self._recv_into(self.ackbuf)
@@ -128,3 +138,41 @@ class FastShmUnix(FastShm):
     name = "fastshm-unix"
     transport = "unix"
     description = "fastshm Publisher.send / Subscriber.receive over unix://"
+
+
+class FastShmLoan(FastShm):
+    """``Publisher.loan``: the payload is made in the slot; nothing is copied."""
+
+    def __init__(self, cfg: Config, ring: PayloadRing) -> None:
+        super().__init__(cfg, ring)
+        # fill every slot with the payload pattern once, before any subscriber is there
+        # (a loan published to nobody is discarded: its bytes stay in the slot)
+        base = ring.views[0]
+        with contextlib.ExitStack() as stack:
+            for _ in range(self.slots):
+                buf = stack.enter_context(self.pub.loan(cfg.size))
+                buf[:] = base
+        self.last = cfg.size - 1
+
+    def accept(self, proc: Any, timeout: float) -> None:
+        super().accept(proc, timeout)
+        self._loan = self.pub.loan
+
+    def send(self, i: int) -> None:
+        view = self._views[i]
+        last = self.last
+        with self._loan(self.ring.size) as buf:
+            buf[0] = view[0]
+            buf[last] = view[last]
+
+
+class FastShmLoanTcp(FastShmLoan):
+    name = "fastshm-loan-tcp"
+    transport = "tcp"
+    description = "fastshm Publisher.loan (payload made in the slot) over tcp://"
+
+
+class FastShmLoanUnix(FastShmLoan):
+    name = "fastshm-loan-unix"
+    transport = "unix"
+    description = "fastshm Publisher.loan (payload made in the slot) over unix://"
