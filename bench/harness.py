@@ -173,6 +173,13 @@ def pattern(size: int) -> np.ndarray:
     return arr
 
 
+def aligned_empty(size: int, align: int = 4096) -> np.ndarray:
+    """An uninitialised uint8 array of ``size`` bytes starting on an ``align`` boundary."""
+    raw = np.empty(size + align, dtype=np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start : start + size]
+
+
 def xor_fold(view: Any) -> int:
     """Read every byte of ``view``: xor of its 64-bit words, then of the tail bytes."""
     arr = np.frombuffer(view, dtype=np.uint8)
