@@ -353,11 +353,12 @@ class Session:
             self.system = self.cls(self.cfg, self.ring)
             endpoint = self.system.listen()
             ctx = multiprocessing.get_context("spawn")
-            self.proc = ctx.Process(
+            proc = ctx.Process(
                 target=consumer_main, args=(self.cfg, endpoint), name="bench-consumer", daemon=True
             )
-            self.proc.start()
-            RESOURCES.procs[self.proc.pid] = self.proc
+            proc.start()
+            self.proc = proc
+            RESOURCES.procs[proc.pid] = proc
             self.arm(self.cfg.timeout)
             self.system.accept(self.proc, self.cfg.timeout)
             # one ack's worth of messages proves the pair works, outside any timed region
