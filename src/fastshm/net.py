@@ -966,6 +966,11 @@ class Subscriber:
         """True once the subscriber was closed, or the publisher went away."""
         return self._closed
 
+    @property
+    def said_goodbye(self) -> bool:
+        """True when the publisher closed the route cleanly (it sent BYE)."""
+        return self._said_bye
+
     def fileno(self) -> int:
         """The socket's descriptor: readable when a message (or a control frame) arrived."""
         return self._stream.fileno()
