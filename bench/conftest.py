@@ -113,6 +113,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config._bench_profile = make_profile(config)  # type: ignore[attr-defined]
+    config._bench_load_start = os.getloadavg()  # type: ignore[attr-defined]
     # a terminated run (CI timeout, `timeout`, kill) still stops its consumers and removes
     # its files and segments: pytest unwinds a KeyboardInterrupt through every finally
     signal.signal(signal.SIGTERM, _interrupt)
@@ -176,6 +177,9 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         "kernel": platform.release(),
         "placements": list(prof.placements),
         "cpu_model": _cpu_model(),
+        # other work on the machine shows here; the benchmarks cannot control it
+        "loadavg_start": [round(x, 2) for x in getattr(config, "_bench_load_start", ())],
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "fastshm": _version("fastshm"),
         "numpy": _version("numpy"),
         "pyzmq": _version("zmq"),

@@ -213,6 +213,9 @@ def report(results: List[Result], machine: Dict[str, Any]) -> str:
         f"{info.get('cpu_count', '?')} CPUs, Linux {info.get('kernel', '?')}, "
         f"Python {machine.get('python_version', '?')}, fastshm {info.get('fastshm', '?')}, "
         f"profile {info.get('profile', '?')}")
+    if info.get("loadavg_start"):
+        out.append(f"load average (1/5/15 min) at start {info['loadavg_start']}, at end "
+                   f"{info.get('loadavg_end')}: above ~2 means other work shared the CPUs")
     out.append("placement: cross = producer and consumer pinned to different CPUs, same = both "
                "pinned to one CPU, none = not pinned; medians of every round")
     out.append("limit-tcp / limit-unix = (one memcpy of the payload + a bare 64-byte socket "
