@@ -141,6 +141,8 @@ def accept_stream(lsock: socket.socket, proc: Any, timeout: float) -> socket.soc
     """Accept the consumer's connection, or fail at once if the consumer died."""
     ready = multiprocessing.connection.wait([lsock, proc.sentinel], timeout)
     if lsock not in ready:
+        if proc.sentinel in ready:
+            proc.join(1.0)  # its pipe closes a moment before it can be reaped
         if not proc.is_alive():
             raise RuntimeError(f"consumer exited with {proc.exitcode} before connecting")
         raise TimeoutError("consumer did not connect")
