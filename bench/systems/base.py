@@ -44,7 +44,7 @@ class System:
 
     #: id in test names and the report, e.g. ``"tcp"``
     name: ClassVar[str] = ""
-    #: what the address travels over: ``"tcp"``, ``"unix"`` or ``"pipe"``; targets compare like with like
+    #: what the route is: ``"tcp"``, ``"unix"`` or ``"pipe"``; targets compare like with like
     transport: ClassVar[str] = ""
     #: ``"fastshm"``, ``"baseline"`` or ``"limit"``
     role: ClassVar[str] = "baseline"
