@@ -577,8 +577,8 @@ class Publisher:
             self._last_delivered = 0
             return 0
         gen = pool.generation(slot)
-        address = Address(_SEGMENT_ID, pool.offset(slot), nbytes, gen, self._seq, slot=slot,
-                          timestamp_ns=stamp, flags=flags, meta=meta)
+        address = Address._for_slot(_SEGMENT_ID, slot, pool.offset(slot), nbytes, gen,
+                                    self._seq, stamp, flags, bytes(meta))
         holders = 0
         queued = []
         for peer in ready:
