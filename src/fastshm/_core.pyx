@@ -907,6 +907,11 @@ cdef class Stream:
         return self._wlen + self._chunk_bytes
 
     @property
+    def pending_payload(self):
+        """Bytes of INLINE payloads queued and not yet sent."""
+        return self._chunk_bytes
+
+    @property
     def pending_buffers(self):
         """INLINE payloads queued whose buffers the stream still holds."""
         return self._nchunks

@@ -23,9 +23,10 @@ import socket
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
+from fastshm import handshake as H
 from fastshm import protocol as P
-from fastshm._core import Address, Message, PeerSegment, Segment, Stream
-from fastshm.errors import Disconnected, Full, ProtocolError
+from fastshm._core import FLAG_INLINE, Address, Message, PeerSegment, Segment, Stream
+from fastshm.errors import AuthenticationError, Disconnected, Full, ProtocolError
 from fastshm.pool import SlotPool
 
 __all__ = ["Publisher", "Subscriber", "parse_url"]
@@ -93,7 +94,8 @@ def _tune(sock: socket.socket) -> None:
 class _Peer:
     """The publisher's view of one subscriber connection."""
 
-    __slots__ = ("sock", "stream", "ready", "held", "identity", "name", "sent", "window")
+    __slots__ = ("sock", "stream", "ready", "held", "identity", "name", "sent", "window",
+                 "handshake", "inline")
 
     def __init__(self, sock: socket.socket, name: str) -> None:
         self.sock = sock
@@ -104,6 +106,8 @@ class _Peer:
         self.name = name
         self.sent = 0
         self.window = 0
+        self.handshake: Optional[H.ServerHandshake] = None
+        self.inline: Optional[H.InlineQueue] = None
 
 
 class Publisher:
@@ -127,6 +131,13 @@ class Publisher:
     send_timeout : float, optional
         Default for :meth:`send`'s ``timeout``: how long to wait for a free
         slot; ``None`` waits as long as it takes.
+    secret : str or bytes, optional
+        A shared secret every subscriber must prove it knows (HMAC-SHA256
+        challenge-response, both ways); ``FASTSHM_SECRET`` by default.
+    insecure : bool
+        Allow listening on a non-loopback TCP address without a secret.
+    handshake_timeout : float
+        Seconds a new connection has to finish the handshake.
 
     Examples
     --------
@@ -137,11 +148,17 @@ class Publisher:
 
     def __init__(self, url: str, *, slot_size: int, slots: int = 8,
                  channel: Optional[str] = None, mode: int = 0o600,
-                 group: Optional[int] = None, send_timeout: Optional[float] = None) -> None:
+                 group: Optional[int] = None, send_timeout: Optional[float] = None,
+                 secret: H.SecretLike = None, insecure: bool = False,
+                 handshake_timeout: float = H.DEFAULT_HANDSHAKE_TIMEOUT) -> None:
         if slot_size <= 0 or slots <= 0:
             raise ValueError("slot_size and slots must be positive")
         family, address = parse_url(url)
+        self._secret = H.resolve_secret(secret)
+        H.check_bind(family, address, url, self._secret, insecure)
+        self._handshake_timeout = float(handshake_timeout)
         self._closed = True
+        self._probe: Optional[H.Probe] = None
         self._unix_path: Optional[str] = None
         listener = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -157,6 +174,11 @@ class Publisher:
             if channel is not None:
                 name = f"fastshm.{channel}.{os.urandom(8).hex()}"
             self._pool = SlotPool(slot_size, slots, name=name, mode=mode, group=group)
+            try:
+                self._probe = H.Probe(mode, group)
+            except BaseException:
+                self._pool.close()
+                raise
         except BaseException:
             listener.close()
             raise
@@ -278,8 +300,17 @@ class Publisher:
         gen = pool.generation(slot)
         address = Address(_SEGMENT_ID, pool.offset(slot), nbytes, gen, self._seq, slot=slot,
                           timestamp_ns=stamp, meta=meta)
+        inline_address = None
         for peer in ready:
-            peer.stream.queue_address(address)
+            if peer.inline is not None:
+                if inline_address is None:
+                    inline_address = Address(
+                        _SEGMENT_ID, address.offset, nbytes, gen, self._seq, slot=slot,
+                        timestamp_ns=stamp, flags=address.flags | FLAG_INLINE, meta=meta)
+                    payload = memoryview(pool.segment)[address.offset:address.offset + nbytes]
+                peer.inline.queue(inline_address, payload, slot, gen)
+            else:
+                peer.stream.queue_address(address)
             peer.held[slot] = gen
         pool.commit(slot, len(ready))
         delivered = len(ready)
@@ -288,9 +319,20 @@ class Publisher:
                 peer.stream.flush(0)
             except OSError as exc:
                 self._drop(peer, f"send failed: {exc}")
+            else:
+                if peer.inline is not None:
+                    self._settle(peer)
         self._stats["sent"] += 1
         self._stats["bytes"] += nbytes
         return delivered
+
+    def _settle(self, peer: _Peer) -> None:
+        """Take back the slots whose payload went out in full to an inline subscriber."""
+        assert peer.inline is not None
+        for slot, generation in peer.inline.settled():
+            if peer.held.get(slot) == generation:
+                del peer.held[slot]
+                self._pool.release(slot, generation)
 
     def _wait_for_slot(self, timeout: Optional[float]) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -338,16 +380,21 @@ class Publisher:
         return len(self._ready)
 
     def _service(self, timeout: Optional[float]) -> int:
-        self._last_service = time.monotonic()
-        pending = [p for p in self._ready if p.stream.pending]
+        now = self._last_service = time.monotonic()
+        pending = [p for p in self._peers.values() if p.stream.pending]
         if pending:
             for peer in pending:
                 try:
                     peer.stream.flush(0)
                 except OSError as exc:
                     self._drop(peer, f"send failed: {exc}")
+                else:
+                    if peer.inline is not None:
+                        self._settle(peer)
             if timeout is None or timeout > 0.01:
                 timeout = 0.01
+        if len(self._peers) > len(self._ready):
+            timeout = self._expire_handshakes(now, timeout)
         try:
             events = self._epoll.poll(-1 if timeout is None else timeout)
         except InterruptedError:
@@ -362,6 +409,24 @@ class Publisher:
                     self._serve(known)
         return len(events)
 
+    def _expire_handshakes(self, now: float, timeout: Optional[float]) -> Optional[float]:
+        """Drop connections past their handshake deadline; shorten ``timeout`` to the next."""
+        nearest = None
+        for peer in list(self._peers.values()):
+            hs = peer.handshake
+            if peer.ready or hs is None:
+                continue
+            if hs.expired(now):
+                self._refuse(peer, P.ERR_TIMEOUT,
+                             f"handshake not finished within {self._handshake_timeout} s")
+            elif nearest is None or hs.deadline < nearest:
+                nearest = hs.deadline
+        if nearest is not None:
+            wait = max(nearest - now, 0.0) + 0.001
+            if timeout is None or wait < timeout:
+                return wait
+        return timeout
+
     def _accept(self) -> None:
         while True:
             try:
@@ -371,8 +436,18 @@ class Publisher:
             except OSError as exc:
                 log.warning("accept on %s failed: %s", self._url, exc)
                 return
+            name = _format_url(sock.family, address) if address else "unix peer"
+            if len(self._peers) - len(self._ready) >= H.MAX_HANDSHAKES:
+                log.warning("refusing connection from %s to %s: %d connections are already in "
+                            "the handshake", name, self._url, H.MAX_HANDSHAKES)
+                sock.close()
+                continue
             _tune(sock)
-            peer = _Peer(sock, _format_url(sock.family, address) if address else "unix peer")
+            peer = _Peer(sock, name)
+            peer.handshake = H.ServerHandshake(
+                peer.stream, secret=self._secret, probe=self._probe,
+                max_payload=self._pool.slot_size, announce=self._announce,
+                timeout=self._handshake_timeout)
             self._peers[sock.fileno()] = peer
             self._epoll.register(sock.fileno(), select.EPOLLIN)
             self._stats["connections"] += 1
@@ -391,7 +466,10 @@ class Publisher:
             self._drop(peer, "closed by peer")
         except ProtocolError as exc:
             self._stats["protocol_errors"] += 1
-            self._refuse(peer, P.ERR_PROTOCOL, str(exc))
+            self._refuse(peer, getattr(exc, "code", P.ERR_PROTOCOL), str(exc))
+        except AuthenticationError as exc:
+            self._stats["auth_failures"] = self._stats.get("auth_failures", 0) + 1
+            self._refuse(peer, P.ERR_AUTH, str(exc))
         except OSError as exc:
             self._drop(peer, f"connection failed: {exc}")
 
@@ -406,31 +484,31 @@ class Publisher:
                         f"does not hold")
                 del held[slot]
                 pool.release(slot, generation)
-        elif ftype == P.HELLO and not peer.ready:
-            hello = P.unpack_hello(body)
-            if hello.max_version < P.MIN_VERSION or hello.min_version > P.MAX_VERSION:
-                self._refuse(peer, P.ERR_VERSION,
-                             f"no common protocol version: peer speaks {hello.min_version}.."
-                             f"{hello.max_version}, this publisher {P.MIN_VERSION}.."
-                             f"{P.MAX_VERSION}")
-                return
-            version = min(hello.max_version, P.MAX_VERSION)
-            peer.identity = hello.identity
-            peer.window = hello.window
-            stream = peer.stream
-            stream.queue(P.HELLO, P.pack_hello(P.Hello(
-                version, version, P.FEATURE_SHM, 0, os.urandom(16), "")))
-            stream.queue(P.SEGMENT, P.pack_segment(self._segment_info))
-            stream.flush(1.0)
-            peer.ready = True
-            self._ready.append(peer)
-            log.debug("subscriber %s (%s) connected to %s", peer.name, peer.identity, self._url)
+        elif not peer.ready and ftype != P.BYE:
+            assert peer.handshake is not None
+            done = peer.handshake.on_frame(ftype, body)
+            peer.stream.flush(0)
+            if done:
+                hs = peer.handshake
+                peer.identity = hs.identity
+                peer.window = hs.window
+                if hs.inline:
+                    peer.inline = H.InlineQueue(peer.stream)
+                peer.ready = True
+                self._ready.append(peer)
+                log.debug("subscriber %s (%s) connected to %s, %s", peer.name, peer.identity,
+                          self._url, "inline" if hs.inline else "shared memory")
         elif ftype == P.PING:
+            if peer.stream.pending - peer.stream.pending_payload > H.MAX_BACKLOG:
+                raise ProtocolError("peer does not read its replies")
             peer.stream.queue(P.PONG, body)
         elif ftype == P.BYE:
             self._drop(peer, "said goodbye")
         else:
             raise ProtocolError(f"unexpected {P.FRAME_NAMES.get(ftype, ftype)} frame")
+
+    def _announce(self, stream: Stream) -> None:
+        stream.queue(P.SEGMENT, P.pack_segment(self._segment_info))
 
     def _refuse(self, peer: _Peer, code: int, reason: str) -> None:
         log.warning("closing connection from %s to %s: %s", peer.name, self._url, reason)
@@ -491,7 +569,11 @@ class Publisher:
                 os.unlink(self._unix_path)
             except FileNotFoundError:
                 pass
-        self._pool.close()
+        try:
+            if self._probe is not None:
+                self._probe.close()
+        finally:
+            self._pool.close()
 
     def __enter__(self) -> "Publisher":
         return self
@@ -568,6 +650,17 @@ class Subscriber:
         (``None``: forever).
     identity : str
         A name the publisher logs for this subscriber.
+    secret : str or bytes, optional
+        The shared secret (``FASTSHM_SECRET`` by default).  With one, the
+        publisher must prove it knows it too.
+    transport : str
+        ``"auto"``: payloads stay in shared memory when this process proves it
+        can map the publisher's (same host, same ``/dev/shm``), and come
+        through the connection otherwise (``Message.inline``); ``"shm"``:
+        shared memory or an error; ``"inline"``: always through the connection.
+    handshake_timeout : float, optional
+        Seconds the publisher has to finish the handshake (``None``: only the
+        timeouts of :meth:`receive` and :meth:`wait_ready` apply).
 
     Examples
     --------
@@ -578,21 +671,25 @@ class Subscriber:
     """
 
     def __init__(self, url: str, *, connect_timeout: Optional[float] = 10.0,
-                 identity: str = "") -> None:
+                 identity: str = "", secret: H.SecretLike = None, transport: str = "auto",
+                 handshake_timeout: Optional[float] = None) -> None:
         self._url = url
         self._closed = True
+        secret_bytes = H.resolve_secret(secret)
+        if transport not in ("auto", "shm", "inline"):
+            raise ValueError(f"transport must be 'auto', 'shm' or 'inline', not {transport!r}")
         self._sock = _connect(url, connect_timeout)
         self._stream = Stream(self._sock)
         self._segments: Dict[int, PeerSegment] = {}
-        self._version = 0
         self._stats = {"received": 0, "bytes": 0}
         self._closed = False
         self._gone: Optional[BaseException] = None
         self._said_bye = False
         self._output_broken = False
-        hello = P.Hello(P.MIN_VERSION, P.MAX_VERSION, P.FEATURE_SHM, 0, os.urandom(16),
-                        identity or f"pid {os.getpid()}")
-        self._stream.queue(P.HELLO, P.pack_hello(hello))
+        self._handshake = H.ClientHandshake(
+            self._stream, secret=secret_bytes, transport=transport, identity=identity,
+            url=url, timeout=handshake_timeout)
+        self._handshake.start()
         try:
             self._stream.flush(connect_timeout)
         except OSError:
@@ -640,6 +737,9 @@ class Subscriber:
                 frame = stream.next_frame()
                 if frame is None:
                     wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                    left = self._handshake.remaining()
+                    if left is not None and (wait is None or left < wait):
+                        wait = left
                     if stream.pending and not self._output_broken:
                         try:
                             stream.flush(wait)
@@ -658,6 +758,13 @@ class Subscriber:
                     self._stats["received"] += 1
                     self._stats["bytes"] += msg.nbytes
                     return msg
+                if ftype == P.INLINE:
+                    if not self._handshake.inline:
+                        raise ProtocolError("INLINE frame on a shared-memory connection")
+                    msg = Message._local(body[1], body[0])
+                    self._stats["received"] += 1
+                    self._stats["bytes"] += msg.nbytes
+                    return msg
                 self._on_control(ftype, body)
         except Disconnected as exc:
             self._shutdown(exc)
@@ -672,8 +779,15 @@ class Subscriber:
 
     @property
     def ready(self) -> bool:
-        """True once the handshake is done and the publisher's segment is mapped."""
-        return bool(self._segments)
+        """True once the handshake is done (and the publisher's segment mapped, if shared)."""
+        hs = self._handshake
+        return hs.done and (hs.inline or bool(self._segments))
+
+    @property
+    def transport(self) -> Optional[str]:
+        """``"shm"`` or ``"inline"`` once the handshake chose; None before."""
+        hs = self._handshake
+        return None if not hs.done else ("inline" if hs.inline else "shm")
 
     def wait_ready(self, timeout: Optional[float] = None) -> None:
         """Finish the handshake: wait until the publisher's segment is mapped.
@@ -692,16 +806,20 @@ class Subscriber:
         stream = self._stream
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            while not self._segments:
+            while not self.ready:
                 frame = stream.next_frame()
                 if frame is None:
                     wait = None if deadline is None else deadline - time.monotonic()
                     if wait is not None and wait <= 0:
-                        raise TimeoutError(f"publisher at {self._url} did not answer within "
-                                           f"{timeout} s")
+                        break
+                    left = self._handshake.remaining()
+                    if left is not None and (wait is None or left < wait):
+                        wait = left
+                    if stream.pending:
+                        stream.flush(wait)
                     stream.fill(wait)
-                elif frame[0] == P.ADDRESS:
-                    raise ProtocolError("ADDRESS before SEGMENT")
+                elif frame[0] in (P.ADDRESS, P.INLINE):
+                    raise ProtocolError(f"{P.FRAME_NAMES[frame[0]]} before the handshake ended")
                 else:
                     self._on_control(frame[0], frame[1])
         except Disconnected as exc:
@@ -714,14 +832,20 @@ class Subscriber:
         except (OSError, ValueError, LookupError) as exc:
             self._shutdown(exc)
             raise
+        if not self.ready:
+            # The caller's timeout: the subscriber stays usable.
+            raise TimeoutError(f"publisher at {self._url} did not answer within {timeout} s")
 
     def _on_control(self, ftype: int, body: bytes) -> None:
         if ftype == P.SEGMENT:
-            if not self._version:
-                raise ProtocolError("SEGMENT before HELLO")
+            if not self._handshake.shm:
+                raise ProtocolError("SEGMENT before the handshake chose shared memory")
             info = P.unpack_segment(body)
             if info.segment_id in self._segments:
                 raise ProtocolError(f"segment id {info.segment_id} announced twice")
+            if len(self._segments) >= H.MAX_SEGMENTS:
+                raise ProtocolError(f"publisher announced more than {H.MAX_SEGMENTS} segments")
+            H.check_peer_name(info.name.encode("ascii"), "SEGMENT")
             try:
                 segment = Segment.open(info.name, readonly=True)
             except FileNotFoundError as exc:
@@ -736,19 +860,18 @@ class Subscriber:
             self._segments[info.segment_id] = PeerSegment(
                 segment, info.segment_id, info.slot_count, info.data_offset,
                 info.slot_stride, info.slot_size)
-        elif ftype == P.HELLO:
-            if self._version:
-                raise ProtocolError("second HELLO")
-            hello = P.unpack_hello(body)
-            if not P.MIN_VERSION <= hello.min_version <= P.MAX_VERSION:
-                raise ProtocolError(f"publisher chose unsupported version {hello.min_version}")
-            self._version = hello.min_version
+        elif ftype in (P.HELLO, P.AUTH, P.PROBE):
+            self._handshake.on_frame(ftype, body)
+            self._stream.flush(0)
         elif ftype == P.BYE:
             code, text = P.unpack_reason(body)
             self._said_bye = True
             raise Disconnected(f"publisher at {self._url} closed the route: {text}")
         elif ftype == P.ERROR:
             code, text = P.unpack_reason(body)
+            if code == P.ERR_AUTH:
+                raise AuthenticationError(f"publisher at {self._url} refused this subscriber: "
+                                          f"{text}")
             raise ProtocolError(f"publisher at {self._url} refused this subscriber: {text}")
         elif ftype == P.PING:
             self._stream.queue(P.PONG, body)
