@@ -17,6 +17,28 @@ def fastshm_segments() -> Set[str]:
     return {n for n in os.listdir("/dev/shm") if n.startswith("fastshm.")}
 
 
+def leaked(names: Set[str]) -> Set[str]:
+    """The segments among ``names`` that this test run is responsible for.
+
+    A segment this process still maps, or one whose creator is gone (dead or
+    closed without unlinking), is a leak.  A live segment of some other
+    process on the machine (another test run, a running service) is not.
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            mapped = {line.rsplit("/", 1)[-1].split()[0] for line in f if "/dev/shm/" in line}
+    except OSError:
+        mapped = set()
+    out = set()
+    for name in names:
+        try:
+            if name in mapped or not Segment.owner_alive(name):
+                out.add(name)
+        except FileNotFoundError:
+            pass
+    return out
+
+
 def child_processes() -> Set[int]:
     """PIDs of this process's live (not zombie) children."""
     me = str(os.getpid())
@@ -57,7 +79,7 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     while child_processes() and time.monotonic() < deadline:
         time.sleep(0.02)
     problems = []
-    left = fastshm_segments() - segments
+    left = leaked(fastshm_segments() - segments)
     for name in left:
         try:
             Segment.remove(name)
@@ -81,7 +103,7 @@ def no_segments_left_by_the_run() -> Iterator[None]:
     before = fastshm_segments()
     yield
     gc.collect()
-    left = fastshm_segments() - before
+    left = leaked(fastshm_segments() - before)
     assert not left, f"the test run left segments in /dev/shm: {sorted(left)}"
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 
 
-def connect(pub, *subs, timeout: float = 5.0) -> None:
-    """Serve ``pub`` and each subscriber until all of them are ready."""
+def connect(pub, *subs, total: int = 0, timeout: float = 5.0) -> None:
+    """Serve ``pub`` and each subscriber until all are ready (and ``total`` connected)."""
+    total = max(total, len(subs))
     deadline = time.monotonic() + timeout
     while True:
         pub.poll(0.002)
@@ -21,7 +22,7 @@ def connect(pub, *subs, timeout: float = 5.0) -> None:
                 sub.wait_ready(0.002)
             except TimeoutError:
                 pass
-        if not pending and pub.subscribers >= len(subs):
+        if not pending and pub.subscribers >= total:
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{pub.subscribers} of {len(subs)} subscribers connected")
+            raise TimeoutError(f"{pub.subscribers} of {total} subscribers connected")

@@ -19,7 +19,8 @@ from fastshm.demo import expected_frame, pattern
 def subscriber(args: argparse.Namespace) -> None:
     base = pattern(args.size)
     got, bad, held = 0, 0, []
-    with Subscriber(args.url, connect_timeout=30) as sub:
+    with Subscriber(args.url, connect_timeout=30, window=args.window or None) as sub:
+        sub.wait_ready(30)
         print(json.dumps({"connected": True}), flush=True)
         try:
             while args.count == 0 or got < args.count:
@@ -48,11 +49,16 @@ def subscriber(args: argparse.Namespace) -> None:
 
 def publisher(args: argparse.Namespace) -> None:
     base = pattern(args.size)
-    with Publisher(args.url, slot_size=args.size, slots=args.slots) as pub:
+    with Publisher(args.url, slot_size=args.size, slots=args.slots,
+                   channel=args.channel or None) as pub:
         print(json.dumps({"url": pub.url, "segment": pub.segment_name}), flush=True)
-        pub.wait_for_subscribers(1, timeout=30)
+        if args.count:
+            pub.wait_for_subscribers(1, timeout=30)
         for seq in range(1, args.count + 1):
             pub.send(expected_frame(base, seq, args.size), timeout=30)
+        if args.linger:
+            print(json.dumps({"sent": args.count}), flush=True)
+            time.sleep(args.linger)  # serves nothing: a hung publisher
     print(json.dumps({"sent": args.count}), flush=True)
 
 
@@ -67,6 +73,8 @@ def main() -> None:
     p.add_argument("--hold", type=int, default=0)
     p.add_argument("--exit-after", type=int, default=0)
     p.add_argument("--linger", type=float, default=0)
+    p.add_argument("--window", type=int, default=0)
+    p.add_argument("--channel", default="")
     args = p.parse_args()
     (subscriber if args.role == "subscriber" else publisher)(args)
 

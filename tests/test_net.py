@@ -117,7 +117,7 @@ def test_full_when_the_subscriber_holds_every_slot(connected):
         pub.send(b"z", timeout=5)
         held.append(sub.receive(timeout=5))
     t0 = time.monotonic()
-    with pytest.raises(Full, match="4 slots"):
+    with pytest.raises(Full, match="window of 4 message"):
         pub.send(b"z", timeout=0.2)
     assert time.monotonic() - t0 >= 0.19
     assert isinstance(Full(), TimeoutError)

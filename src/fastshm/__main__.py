@@ -4,16 +4,21 @@ Subcommands
 -----------
 demo
     A writer and a reader process exchange frames; a summary is printed.
+ls
+    List fastshm segments in /dev/shm: size, owner, live or dead.
+gc
+    Remove the segments whose creator is dead.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from typing import List, Optional
 
-from fastshm import demo
+from fastshm import admin, demo
 
 __all__ = ["main", "build_parser"]
 
@@ -29,6 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_arguments(p)
     p.set_defaults(run=demo.run_demo)
 
+    p = sub.add_parser("ls", help="list fastshm segments in /dev/shm, live and dead")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(run=_ls)
+
+    p = sub.add_parser("gc", help="remove segments whose creator is dead")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    p.add_argument("--min-age", type=float, default=2.0,
+                   help="spare segments younger than this many seconds (default 2)")
+    p.add_argument("--prefix", default=admin.PREFIX,
+                   help="only names starting with this (default 'fastshm.')")
+    p.set_defaults(run=_gc)
+
     # The demo's two processes (started by `demo`, not meant to be typed).
     p = sub.add_parser("demo-writer")
     demo.add_arguments(p, role=True)
@@ -37,6 +54,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_arguments(p, role=True)
     p.set_defaults(run=demo.reader_main)
     return parser
+
+
+def _ls(args: argparse.Namespace) -> int:
+    reports = admin.list_segments()
+    if args.json:
+        for r in reports:
+            print(json.dumps(r.as_dict()))
+        return 0
+    if not reports:
+        print("no fastshm segments in /dev/shm")
+        return 0
+    print(f"{'NAME':44} {'SIZE':>12} {'UID':>6} {'MODE':>5} {'OWNER':>8} {'SLOTS':>12}  STATE")
+    for r in reports:
+        state = {True: "live", False: "dead", None: "unknown"}[r.alive]
+        slots = f"{r.slots}x{r.slot_size}" if r.slots else "-"
+        owner = str(r.pid) if r.pid else "-"
+        print(f"{r.name:44} {r.size:>12} {r.uid:>6} {r.mode:>5o} {owner:>8} {slots:>12}  {state}")
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    removed = admin.reap(prefix=args.prefix, min_age=args.min_age, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for name in removed:
+        print(f"{verb} {name}")
+    print(f"{verb} {len(removed)} segment(s) of dead owners")
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -62,6 +62,7 @@ cdef class Stream:
     cdef public Py_ssize_t max_inline
     cdef readonly unsigned long long bytes_sent
     cdef readonly unsigned long long bytes_received
+    cdef readonly unsigned long long releases_queued
 
     cdef int _reserve(self, Py_ssize_t n) except -1
     cdef int _make_room(self, Py_ssize_t frame_size) except -1

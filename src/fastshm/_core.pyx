@@ -290,6 +290,8 @@ cdef class Segment:
                 _raise_errno(err, "/" + self._name)
             PyErr_CheckSignals()
         try:
+            # Locked at once: `fastshm gc` must never take a segment being made for dead.
+            _lock_owner(fd)
             # shm_open applies the umask; the caller's mode is what they asked for.
             if fchmod(fd, cmode) != 0:
                 _raise_errno(errno, "/" + self._name)
@@ -337,7 +339,6 @@ cdef class Segment:
         self._readonly = False
         self._owner = True
         self._creator_pid = getpid()
-        _lock_owner(fd)
         return self
 
     @staticmethod
@@ -1069,6 +1070,7 @@ cdef class Stream:
         fastshm_put_u32(p + 4, slot)
         fastshm_put_u64(p + 8, generation)
         self._wlen += RELEASE_ENTRY_SIZE
+        self.releases_queued += 1
         fastshm_put_u32(frame + HDR, count)
         fastshm_put_u32(frame + 4, 8 + count * RELEASE_ENTRY_SIZE)
         if count >= MAX_RELEASES:
@@ -1461,8 +1463,21 @@ cdef class Message:
 
     @property
     def meta(self):
-        """The metadata bytes sent with the message."""
-        return self.address.meta
+        """The metadata bytes the sender attached (after any array descriptor)."""
+        cdef bytes m = self.address.meta
+        if self.address.flags & FLAG_NDARRAY and len(m) >= 2:
+            return m[2 + m[1] + 8 * m[0]:]
+        return m
+
+    def array(self):
+        """A read-only numpy view of the payload, with the dtype and shape it was sent with.
+
+        Payloads that were not arrays come as 1-D ``uint8``.  The view keeps the
+        message, and so its slot, alive; releasing the message while the view
+        exists raises ``BufferError``.  Needs numpy.
+        """
+        from fastshm.arrays import message_array
+        return message_array(self)
 
     @property
     def inline(self):

@@ -181,12 +181,15 @@ class Probe:
     """A small segment holding a random token: whoever can read it shares our ``/dev/shm``.
 
     Created with the same mode and group as the pool, so a subscriber that
-    can read the probe can read the pool.
+    can read the probe can read the pool.  Its name starts with ``prefix``
+    (the channel's, when there is one), so that what reaps the segments of a
+    dead publisher reaps its probe too.
     """
 
-    def __init__(self, mode: int = 0o600, group: Optional[int] = None) -> None:
+    def __init__(self, mode: int = 0o600, group: Optional[int] = None,
+                 prefix: str = SEGMENT_PREFIX) -> None:
         self.token = os.urandom(PROBE_TOKEN_SIZE)
-        self.segment = Segment.create(PROBE_SIZE, f"{SEGMENT_PREFIX}probe.{os.urandom(12).hex()}",
+        self.segment = Segment.create(PROBE_SIZE, f"{prefix}probe-{os.urandom(12).hex()}",
                                       mode, group=group)
         try:
             self.segment.write(0, PROBE_MAGIC + bytes(PROBE_TOKEN_OFFSET - len(PROBE_MAGIC))
@@ -291,18 +294,24 @@ class ServerHandshake:
     announce : callable
         ``announce(stream)`` queues the SEGMENT frames of a subscriber that
         shares our memory.
+    grant : callable
+        ``grant(requested)`` is the credit window given to a subscriber that
+        asked for ``requested`` messages (0: no preference); it travels in
+        the publisher's HELLO.
     timeout : float
         Seconds the peer has to finish, from now.
     """
 
     def __init__(self, stream: Stream, *, secret: Optional[bytes], probe: Optional[Probe],
                  max_payload: int, announce: Callable[[Stream], None],
+                 grant: Callable[[int], int] = lambda requested: requested,
                  timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> None:
         self.stream = stream
         self.secret = secret
         self.probe = probe
         self.max_payload = max_payload
         self.announce = announce
+        self.grant = grant
         self.deadline = time.monotonic() + timeout
         self.state = "hello"
         self.version = 0
@@ -363,11 +372,11 @@ class ServerHandshake:
         self.version = min(hello.max_version, P.MAX_VERSION)
         self.features = hello.features
         self.identity = hello.identity
-        self.window = hello.window
+        self.window = self.grant(hello.window)
         features = P.FEATURE_SHM | P.FEATURE_INLINE | (P.FEATURE_AUTH if self.secret else 0)
         self._hello_sub = bytes(body)
-        self._hello_pub = P.pack_hello(P.Hello(self.version, self.version, features, 0,
-                                               os.urandom(NONCE_SIZE), ""))
+        self._hello_pub = P.pack_hello(P.Hello(self.version, self.version, features,
+                                               self.window, os.urandom(NONCE_SIZE), ""))
         self.stream.queue(P.HELLO, self._hello_pub)
         if self.secret is not None:
             self.state = "auth"
@@ -484,10 +493,14 @@ class ClientHandshake:
         The publisher's route, for messages.
     timeout : float, optional
         Seconds the publisher has to finish the handshake; None for no limit.
+    window : int
+        The credit window asked for (0: the publisher's default).  The one
+        granted is :attr:`window` once the publisher's HELLO came.
     """
 
     def __init__(self, stream: Stream, *, secret: Optional[bytes], transport: str,
-                 identity: str, url: str, timeout: Optional[float] = None) -> None:
+                 identity: str, url: str, timeout: Optional[float] = None,
+                 window: int = 0) -> None:
         if transport not in ("auto", "shm", "inline"):
             raise ValueError(f"transport must be 'auto', 'shm' or 'inline', not {transport!r}")
         self.stream = stream
@@ -500,6 +513,7 @@ class ClientHandshake:
         self.version = 0
         self.transport = 0
         self.max_payload = 0
+        self.window = window
         self._hello_sub = b""
         self._hello_pub = b""
         self._probed = -1
@@ -541,7 +555,7 @@ class ClientHandshake:
                     | (P.FEATURE_INLINE if self.want != "shm" else 0)
                     | (P.FEATURE_AUTH if self.secret is not None else 0))
         self._hello_sub = P.pack_hello(P.Hello(
-            P.MIN_VERSION, P.MAX_VERSION, features, 0, os.urandom(NONCE_SIZE),
+            P.MIN_VERSION, P.MAX_VERSION, features, self.window, os.urandom(NONCE_SIZE),
             self.identity or f"pid {os.getpid()}"))
         self.stream.queue(P.HELLO, self._hello_sub)
 
@@ -584,6 +598,7 @@ class ClientHandshake:
         if len(hello.nonce) != NONCE_SIZE:
             raise ProtocolError("HELLO nonce has the wrong size")
         self.version = hello.min_version
+        self.window = hello.window
         self._hello_pub = bytes(body)
         wants_auth = bool(hello.features & P.FEATURE_AUTH)
         if wants_auth and self.secret is None:

@@ -21,15 +21,24 @@ import os
 import select
 import socket
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+import weakref
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+from contextlib import contextmanager
 
 from fastshm import handshake as H
 from fastshm import protocol as P
-from fastshm._core import FLAG_INLINE, Address, Message, PeerSegment, Segment, Stream
+from fastshm._core import (
+    FLAG_INLINE, FLAG_NDARRAY, Address, Message, PeerSegment, Segment, Stream, check_name,
+)
+from fastshm.arrays import is_ndarray, pack_array_meta
 from fastshm.errors import AuthenticationError, Disconnected, Full, ProtocolError
 from fastshm.pool import SlotPool
 
-__all__ = ["Publisher", "Subscriber", "parse_url"]
+#: What a publisher does with a message for a subscriber that has no credit left.
+POLICIES = ("block", "drop", "latest")
+
+__all__ = ["Publisher", "Subscriber", "parse_url", "POLICIES"]
 
 log = logging.getLogger("fastshm")
 
@@ -85,29 +94,56 @@ def _format_url(family: int, address: Any) -> str:
     return f"tcp://{address[0]}:{address[1]}"
 
 
-def _tune(sock: socket.socket) -> None:
+def _tune(sock: socket.socket, keepalive: Optional[float]) -> None:
+    """Non-blocking, no Nagle delay, and a bounded time to notice a vanished peer.
+
+    A peer that disappears without closing its connection (power loss, a
+    container killed with its network) is noticed by TCP keepalive probes
+    after about ``2 * keepalive`` seconds of silence, and by
+    ``TCP_USER_TIMEOUT`` when data it should acknowledge is left unacknowledged.
+    """
     sock.setblocking(False)
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if keepalive:
+        idle = max(1, int(keepalive))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 3))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, idle * 2000)
 
 
 class _Peer:
     """The publisher's view of one subscriber connection."""
 
     __slots__ = ("sock", "stream", "ready", "held", "identity", "name", "sent", "window",
-                 "handshake", "inline")
+                 "drops", "latest", "handshake", "inline")
 
     def __init__(self, sock: socket.socket, name: str) -> None:
         self.sock = sock
         self.stream = Stream(sock)
         self.ready = False
+        # slot -> generation of every message sent to this peer and not yet released
         self.held: Dict[int, int] = {}
         self.identity = ""
         self.name = name
         self.sent = 0
         self.window = 0
+        self.drops = 0
         self.handshake: Optional[H.ServerHandshake] = None
         self.inline: Optional[H.InlineQueue] = None
+        # policy "latest": the newest message waiting for credit (slot, generation, address)
+        self.latest: Optional[Tuple[int, int, Address]] = None
+
+    def has_credit(self) -> bool:
+        return len(self.held) < self.window
+
+    def report(self) -> Dict[str, Any]:
+        return {"name": self.name, "identity": self.identity, "held": len(self.held),
+                "window": self.window, "credit": self.window - len(self.held),
+                "sent": self.sent, "drops": self.drops, "waiting": self.latest is not None}
 
 
 class Publisher:
@@ -115,9 +151,10 @@ class Publisher:
 
     Parameters
     ----------
-    url : str
+    url : str or sequence of str
         Where to listen: ``tcp://127.0.0.1:5555``, ``tcp://127.0.0.1:0`` (a
-        free port; read :attr:`url`), ``unix:///run/fastshm/cam.sock``.
+        free port; read :attr:`url`), ``unix:///run/fastshm/cam.sock``; or a
+        list of them, to serve subscribers on several routes at once.
     slot_size : int
         The largest payload, in bytes.
     slots : int
@@ -130,7 +167,23 @@ class Publisher:
         :meth:`Segment.create`).
     send_timeout : float, optional
         Default for :meth:`send`'s ``timeout``: how long to wait for a free
-        slot; ``None`` waits as long as it takes.
+        slot (or, with ``policy="block"``, for a subscriber's credit);
+        ``None`` waits as long as it takes.
+    policy : {"block", "drop", "latest"}
+        What to do when a subscriber has no credit left (it holds ``window``
+        unreleased messages): ``block`` waits for it up to the timeout, then
+        raises :class:`Full`; ``drop`` skips it for that message (counted in
+        :meth:`stats`); ``latest`` keeps only the newest message waiting for
+        it and delivers that one as soon as it releases something.  With
+        ``drop`` and ``latest`` a slow subscriber never slows the others, as
+        long as the pool has more slots than the slow subscribers can hold.
+    window : int, optional
+        Credit given to subscribers that do not ask for their own: ``slots``
+        with ``block``, half the slots with ``drop`` and ``latest``.
+    keepalive : float
+        Seconds of silence after which TCP keepalive probes a subscriber;
+        one that vanished without closing is dropped, and its slots freed,
+        about ``2 * keepalive`` seconds later.  0 turns probing off.
     secret : str or bytes, optional
         A shared secret every subscriber must prove it knows (HMAC-SHA256
         challenge-response, both ways); ``FASTSHM_SECRET`` by default.
@@ -139,6 +192,11 @@ class Publisher:
     handshake_timeout : float
         Seconds a new connection has to finish the handshake.
 
+    Notes
+    -----
+    With a ``channel``, segments of publishers of that channel that died
+    without cleaning up (their owner lock is gone) are removed at start.
+
     Examples
     --------
     >>> with Publisher("tcp://127.0.0.1:5555", slot_size=6_220_800) as pub:
@@ -146,65 +204,102 @@ class Publisher:
     ...     pub.send(frame)
     """
 
-    def __init__(self, url: str, *, slot_size: int, slots: int = 8,
+    def __init__(self, url: Union[str, Sequence[str]], *, slot_size: int, slots: int = 8,
                  channel: Optional[str] = None, mode: int = 0o600,
                  group: Optional[int] = None, send_timeout: Optional[float] = None,
-                 secret: H.SecretLike = None, insecure: bool = False,
+                 policy: str = "block", window: Optional[int] = None,
+                 keepalive: float = 5.0, secret: H.SecretLike = None, insecure: bool = False,
                  handshake_timeout: float = H.DEFAULT_HANDSHAKE_TIMEOUT) -> None:
         if slot_size <= 0 or slots <= 0:
             raise ValueError("slot_size and slots must be positive")
-        family, address = parse_url(url)
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
+        if window is not None and window <= 0:
+            raise ValueError("window must be positive")
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("a publisher needs at least one URL")
+        endpoints = [parse_url(u) for u in urls]
         self._secret = H.resolve_secret(secret)
-        H.check_bind(family, address, url, self._secret, insecure)
+        for u, (family, address) in zip(urls, endpoints):
+            H.check_bind(family, address, u, self._secret, insecure)
         self._handshake_timeout = float(handshake_timeout)
-        self._closed = True
         self._probe: Optional[H.Probe] = None
-        self._unix_path: Optional[str] = None
-        listener = socket.socket(family, socket.SOCK_STREAM)
+        self._closed = True
+        self._unix_paths: List[str] = []
+        self._listeners: Dict[int, socket.socket] = {}
         try:
-            if family != socket.AF_UNIX:
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            elif isinstance(address, str) and not address.startswith("\0"):
-                _remove_stale_socket(address)
-                self._unix_path = address
-            listener.bind(address)
-            listener.listen(64)
-            listener.setblocking(False)
+            for family, address in endpoints:
+                listener = socket.socket(family, socket.SOCK_STREAM)
+                self._listeners[listener.fileno()] = listener
+                path = address if family == socket.AF_UNIX and isinstance(address, str) \
+                    and not address.startswith("\0") else None
+                if family != socket.AF_UNIX:
+                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if path is not None:
+                    _remove_stale_socket(path)
+                listener.bind(address)
+                if path is not None:
+                    self._unix_paths.append(path)
+                listener.listen(64)
+                listener.setblocking(False)
             name = None
+            prefix = "fastshm."
             if channel is not None:
-                name = f"fastshm.{channel}.{os.urandom(8).hex()}"
+                from fastshm.admin import reap
+                prefix = f"fastshm.{channel}."
+                check_name(prefix + "x")  # the channel becomes part of segment names
+                for gone in reap(prefix=prefix, min_age=0.5):
+                    log.info("removed segment %s of a dead publisher of channel %s",
+                             gone, channel)
+                name = f"{prefix}{os.urandom(8).hex()}"
             self._pool = SlotPool(slot_size, slots, name=name, mode=mode, group=group)
             try:
-                self._probe = H.Probe(mode, group)
+                self._probe = H.Probe(mode, group, prefix)
             except BaseException:
                 self._pool.close()
                 raise
         except BaseException:
-            listener.close()
+            self._close_listeners()
             raise
-        self._listener = listener
-        self._url = _format_url(family, listener.getsockname())
+        self._urls = [_format_url(sock.family, sock.getsockname())
+                      for sock in self._listeners.values()]
+        self._url = self._urls[0]
         self._epoll = select.epoll()
-        self._epoll.register(listener.fileno(), select.EPOLLIN)
+        for fd in self._listeners:
+            self._epoll.register(fd, select.EPOLLIN)
         self._peers: Dict[int, _Peer] = {}
         self._ready: List[_Peer] = []
         self._seq = 0
         self._last_service = 0.0
         self._low_water = max(1, slots // 2)
         self._send_timeout = send_timeout
+        self._policy = policy
+        self._window = window or (slots if policy == "block" else max(1, slots // 2))
+        self._keepalive = keepalive
         self._segment_info = P.SegmentInfo(
             _SEGMENT_ID, slots, self._pool.segment.size, self._pool.data_offset,
             self._pool.slot_stride, self._pool.slot_size, self._pool.segment.name)
-        self._stats = {"sent": 0, "bytes": 0, "unsent": 0, "connections": 0,
-                       "disconnections": 0, "protocol_errors": 0}
+        self._stats = {"sent": 0, "bytes": 0, "unsent": 0, "drops": 0, "connections": 0,
+                       "disconnections": 0, "protocol_errors": 0, "auth_failures": 0}
+        self._last_delivered = 0
+        self._pins: "Dict[int, weakref.ref[Any]]" = {}
         self._closed = False
 
     # -- properties ---------------------------------------------------------------
 
     @property
     def url(self) -> str:
-        """The URL subscribers connect to (with the real port when 0 was asked)."""
+        """The URL subscribers connect to (with the real port when 0 was asked).
+
+        The first one, when the publisher listens on several.
+        """
         return self._url
+
+    @property
+    def urls(self) -> List[str]:
+        """Every URL the publisher listens on."""
+        return list(self._urls)
 
     @property
     def segment_name(self) -> str:
@@ -234,12 +329,30 @@ class Publisher:
         """
         return self._epoll.fileno()
 
-    def stats(self) -> Dict[str, int]:
-        """Counters: messages sent, bytes, unsent (no subscriber), slots and peers."""
-        out = dict(self._stats)
+    @property
+    def policy(self) -> str:
+        """The overflow policy: ``block``, ``drop`` or ``latest``."""
+        return self._policy
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters and state.
+
+        Returns
+        -------
+        dict
+            ``sent``, ``bytes``, ``unsent`` (no subscriber was connected),
+            ``drops`` (messages a subscriber missed for lack of credit, with
+            ``drop``, or that a newer one replaced, with ``latest``),
+            ``connections``, ``disconnections``, ``protocol_errors``,
+            ``subscribers``, ``slots``, ``slots_free``, ``slots_held``, and
+            ``peers``: one dict per subscriber (``held``, ``window``,
+            ``credit``, ``sent``, ``drops``, ``waiting``).
+        """
+        out: Dict[str, Any] = dict(self._stats)
         out.update(subscribers=len(self._ready), slots=self._pool.slots,
                    slots_free=self._pool.free_count,
-                   slots_held=self._pool.slots - self._pool.free_count)
+                   slots_held=self._pool.slots - self._pool.free_count,
+                   policy=self._policy, peers=[p.report() for p in self._ready])
         return out
 
     # -- sending ------------------------------------------------------------------
@@ -249,103 +362,285 @@ class Publisher:
 
         Parameters
         ----------
-        data : bytes-like
-            Any contiguous buffer (``bytes``, ``bytearray``, ``memoryview``,
-            a C-contiguous numpy array).  Large copies release the GIL.
+        data : bytes-like or numpy.ndarray
+            Any contiguous buffer (``bytes``, ``bytearray``, ``memoryview``).
+            A numpy array travels with its dtype and shape (read them back
+            with :meth:`Message.array`); a non-contiguous one is copied
+            straight into the slot.  Large copies release the GIL.
         timeout : float, optional
-            How long to wait for a free slot when subscribers hold them all;
-            defaults to the publisher's ``send_timeout``.
+            How long to wait for a free slot (and, with ``policy="block"``,
+            for every subscriber's credit); defaults to ``send_timeout``.
         meta : bytes
             Up to 1024 bytes of metadata delivered with the message.
 
         Returns
         -------
         int
-            How many subscribers the message was sent to (0 when none is
-            connected: the message is dropped, as in any publish/subscribe).
+            How many subscribers the message is for (sent now, or waiting for
+            credit with ``latest``); 0 when none is connected: the message is
+            dropped, as in any publish/subscribe.
 
         Raises
         ------
         Full
-            If no slot became free in time.
+            If no slot (or credit, with ``block``) became free in time.
         ValueError
             If the payload is larger than ``slot_size``, or the publisher is
             closed.
         """
-        if self._closed:
-            raise ValueError("publisher is closed")
+        flags = 0
+        if is_ndarray(data):
+            meta = pack_array_meta(data.dtype, data.shape) + meta
+            flags = FLAG_NDARRAY
+            if not data.flags.c_contiguous:
+                with self._loan_array(data.shape, data.dtype, timeout, meta) as dest:
+                    dest[...] = data
+                    del dest
+                return self._last_delivered
+        slot = self._take_slot(timeout)
         pool = self._pool
-        now = time.monotonic()
-        if pool.free_count <= self._low_water or now - self._last_service >= _SERVICE_INTERVAL:
-            self._service(0)
-        slot = pool.acquire()
-        if slot is None:
-            slot = self._wait_for_slot(self._send_timeout if timeout is None else timeout)
         stamp = time.time_ns()
         try:
             n = pool.segment.write(pool.offset(slot), data, pool.slot_size)
         except BaseException:
             pool.discard(slot)
             raise
-        return self._publish(slot, n, meta, stamp)
+        return self._publish(slot, n, meta, stamp, flags)
 
-    def _publish(self, slot: int, nbytes: int, meta: bytes, stamp: int) -> int:
+    @contextmanager
+    def loan(self, nbytes: int, timeout: Optional[float] = None, *,
+             meta: bytes = b"") -> Iterator[memoryview]:
+        """Lend a writable view of a free slot; publish it when the block ends.
+
+        The zero-copy way to send: fill the buffer in place (read a file or a
+        camera into it, ``numpy.frombuffer`` it), and leaving the ``with``
+        block sends its address.  An exception inside the block discards the
+        slot instead.
+
+        Parameters
+        ----------
+        nbytes : int
+            The payload's length: the view has exactly this many bytes.
+        timeout, meta
+            As for :meth:`send`.
+
+        Raises
+        ------
+        BufferError
+            At the end of the block, if views made from the loaned buffer
+            are still alive: the slot is then discarded, not published, since
+            they could still write into it.
+
+        Examples
+        --------
+        >>> with pub.loan(len(header) + n) as buf:
+        ...     buf[:len(header)] = header
+        ...     f.readinto(buf[len(header):])
+        """
+        if not 0 <= nbytes <= self._pool.slot_size:
+            raise ValueError(f"cannot loan {nbytes} bytes: slots hold {self._pool.slot_size}")
+        slot = self._take_slot(timeout)
+        view, before = self._lend(slot, nbytes)
+        stamp = time.time_ns()
+        try:
+            yield view
+        except BaseException:
+            self._end_loan(view, before)
+            self._pool.discard(slot)
+            raise
+        if not self._end_loan(view, before):
+            self._pool.discard(slot)
+            raise BufferError("views of the loaned buffer are still alive: the message was "
+                              "discarded, since they could still change it")
+        self._publish(slot, nbytes, meta, stamp, 0)
+
+    @contextmanager
+    def loan_array(self, shape: Any, dtype: Any = "uint8", timeout: Optional[float] = None, *,
+                   meta: bytes = b"") -> Iterator[Any]:
+        """Lend a slot as a writable numpy array; publish it when the block ends.
+
+        Like :meth:`loan`, but the view is an array of ``shape`` and ``dtype``
+        and the reader's :meth:`Message.array` gets the same shape and dtype.
+        An array cannot be revoked the way a memoryview is released: while the
+        array (or any view of it) is alive after the block, its slot is kept
+        out of reuse, and writing to it would change what subscribers read —
+        do not.
+        """
+        import numpy as np
+
+        dims = (int(shape),) if isinstance(shape, int) else tuple(int(n) for n in shape)
+        dt = np.dtype(dtype)
+        with self._loan_array(dims, dt, timeout, pack_array_meta(dt, dims) + meta) as arr:
+            yield arr
+
+    @contextmanager
+    def _loan_array(self, shape: Tuple[int, ...], dtype: Any, timeout: Optional[float],
+                    meta: bytes) -> Iterator[Any]:
+        """Loan a slot as an array; ``meta`` already holds the array descriptor."""
+        import numpy as np
+
+        count = 1
+        for n in shape:
+            count *= int(n)
+        nbytes = count * dtype.itemsize
+        if nbytes > self._pool.slot_size:
+            raise ValueError(f"array of {nbytes} bytes does not fit in {self._pool.slot_size}")
+        slot = self._take_slot(timeout)
+        generation = self._pool.generation(slot)
+        view, _ = self._lend(slot, nbytes)
+        stamp = time.time_ns()
+        base = np.frombuffer(view, dtype=dtype, count=count)
+        arr = base.reshape(shape)
+        try:
+            yield arr
+        except BaseException:
+            del arr
+            self._after_views(base, view, lambda: self._pool.discard(slot))
+            raise
+        del arr
+        self._publish(slot, nbytes, meta, stamp, FLAG_NDARRAY, extra_holders=1)
+        self._after_views(base, view, lambda: self._pool.release(slot, generation))
+
+    def _after_views(self, base: Any, view: memoryview, then: Callable[[], Any]) -> None:
+        """Call ``then`` once no array made from ``base`` is alive (now, if none is)."""
+        def done(ref: "weakref.ref[Any]") -> None:
+            self._pins.pop(id(ref), None)
+            view.release()
+            if not self._closed:
+                then()
+
+        ref = weakref.ref(base, done)
+        self._pins[id(ref)] = ref
+
+    def _lend(self, slot: int, nbytes: int) -> Tuple[memoryview, int]:
+        """A writable view of ``nbytes`` of ``slot``, and the segment's export count before."""
+        segment = self._pool.segment
+        before = segment.exports
+        offset = self._pool.offset(slot)
+        with memoryview(segment) as whole:
+            return whole[offset:offset + nbytes], before
+
+    def _end_loan(self, view: memoryview, before: int) -> bool:
+        """Release a loaned view; False if views made from it are still alive."""
+        try:
+            view.release()
+        except BufferError:
+            return False
+        # Views made with memoryview(view) or slicing share one export of the segment.
+        return self._pool.segment.exports <= before
+
+    def _take_slot(self, timeout: Optional[float]) -> int:
+        if self._closed:
+            raise ValueError("publisher is closed")
+        pool = self._pool
+        if (pool.free_count <= self._low_water
+                or time.monotonic() - self._last_service >= _SERVICE_INTERVAL):
+            self._service(0)
+        if self._policy == "block" and self._starved() is not None:
+            return self._wait_for_slot(self._send_timeout if timeout is None else timeout)
+        slot = pool.acquire()
+        if slot is None:
+            slot = self._wait_for_slot(self._send_timeout if timeout is None else timeout)
+        return slot
+
+    def _starved(self) -> Optional[_Peer]:
+        for peer in self._ready:
+            if not peer.has_credit():
+                return peer
+        return None
+
+    def _publish(self, slot: int, nbytes: int, meta: bytes, stamp: int, flags: int,
+                 extra_holders: int = 0) -> int:
+        """Send ``slot``'s address to every subscriber; ``extra_holders`` keep it too."""
         pool = self._pool
         self._seq += 1
         ready = self._ready
         if not ready:
-            pool.discard(slot)
+            pool.commit(slot, extra_holders)
             self._stats["unsent"] += 1
+            self._last_delivered = 0
             return 0
         gen = pool.generation(slot)
         address = Address(_SEGMENT_ID, pool.offset(slot), nbytes, gen, self._seq, slot=slot,
-                          timestamp_ns=stamp, meta=meta)
-        inline_address = None
+                          timestamp_ns=stamp, flags=flags, meta=meta)
+        holders = 0
+        queued = []
         for peer in ready:
-            if peer.inline is not None:
-                if inline_address is None:
-                    inline_address = Address(
-                        _SEGMENT_ID, address.offset, nbytes, gen, self._seq, slot=slot,
-                        timestamp_ns=stamp, flags=address.flags | FLAG_INLINE, meta=meta)
-                    payload = memoryview(pool.segment)[address.offset:address.offset + nbytes]
-                peer.inline.queue(inline_address, payload, slot, gen)
+            if peer.has_credit():
+                self._queue(peer, address)
+                peer.held[slot] = gen
+                peer.sent += 1
+                queued.append(peer)
+                holders += 1
+            elif self._policy == "latest":
+                older = peer.latest
+                peer.latest = (slot, gen, address)
+                holders += 1
+                if older is not None:
+                    pool.release(older[0], older[1])
+                    peer.drops += 1
+                    self._stats["drops"] += 1
             else:
-                peer.stream.queue_address(address)
-            peer.held[slot] = gen
-        pool.commit(slot, len(ready))
-        delivered = len(ready)
-        for peer in list(ready):
-            try:
-                peer.stream.flush(0)
-            except OSError as exc:
-                self._drop(peer, f"send failed: {exc}")
-            else:
-                if peer.inline is not None:
-                    self._settle(peer)
+                peer.drops += 1
+                self._stats["drops"] += 1
+        pool.commit(slot, holders + extra_holders)
+        for peer in queued:
+            self._flush(peer)
         self._stats["sent"] += 1
         self._stats["bytes"] += nbytes
-        return delivered
+        self._last_delivered = holders
+        return holders
 
-    def _settle(self, peer: _Peer) -> None:
-        """Take back the slots whose payload went out in full to an inline subscriber."""
-        assert peer.inline is not None
-        for slot, generation in peer.inline.settled():
-            if peer.held.get(slot) == generation:
-                del peer.held[slot]
-                self._pool.release(slot, generation)
+    def _queue(self, peer: _Peer, address: Address) -> None:
+        """Queue a message for ``peer``: its address, or its payload for an inline peer."""
+        if peer.inline is None:
+            peer.stream.queue_address(address)
+            return
+        # Sent straight from the slot, which stays held until the last byte is out.
+        start = address.offset
+        with memoryview(self._pool.segment) as whole:
+            payload = whole[start:start + address.length]
+        peer.inline.queue(Address(
+            address.segment_id, start, address.length, address.generation, address.sequence,
+            slot=address.slot, timestamp_ns=address.timestamp_ns,
+            flags=address.flags | FLAG_INLINE, meta=address.meta), payload,
+            address.slot, address.generation)
+
+    def _flush(self, peer: _Peer) -> None:
+        """Send what is queued for ``peer`` without waiting; drop it if it is gone."""
+        try:
+            peer.stream.flush(0)
+        except OSError as exc:
+            self._drop(peer, f"send failed: {exc}")
+            return
+        if peer.inline is not None:
+            # Slots whose payload went out in full come back, as a release would.
+            pool = self._pool
+            for slot, generation in peer.inline.settled():
+                if peer.held.get(slot) == generation:
+                    del peer.held[slot]
+                    pool.release(slot, generation)
 
     def _wait_for_slot(self, timeout: Optional[float]) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
+        block = self._policy == "block"
         while True:
+            starved = self._starved() if block else None
+            if starved is None:
+                slot = self._pool.acquire()
+                if slot is not None:
+                    return slot
             wait = None if deadline is None else deadline - time.monotonic()
             if wait is not None and wait <= 0:
+                if starved is not None:
+                    raise Full(
+                        f"subscriber {starved.name} ({starved.identity}) released nothing "
+                        f"within {timeout} s: it holds its whole window of {starved.window} "
+                        f"message(s) (policy 'block'; 'drop' or 'latest' would skip it)")
                 raise Full(
                     f"no free slot within {timeout} s: all {self._pool.slots} slots are held "
                     f"by {len(self._ready)} subscriber(s)")
             self._service(wait if wait is None or wait < 1.0 else 1.0)
-            slot = self._pool.acquire()
-            if slot is not None:
-                return slot
 
     # -- serving ------------------------------------------------------------------
 
@@ -384,13 +679,7 @@ class Publisher:
         pending = [p for p in self._peers.values() if p.stream.pending]
         if pending:
             for peer in pending:
-                try:
-                    peer.stream.flush(0)
-                except OSError as exc:
-                    self._drop(peer, f"send failed: {exc}")
-                else:
-                    if peer.inline is not None:
-                        self._settle(peer)
+                self._flush(peer)
             if timeout is None or timeout > 0.01:
                 timeout = 0.01
         if len(self._peers) > len(self._ready):
@@ -399,10 +688,10 @@ class Publisher:
             events = self._epoll.poll(-1 if timeout is None else timeout)
         except InterruptedError:
             return 0
-        listener_fd = self._listener.fileno()
         for fd, _ in events:
-            if fd == listener_fd:
-                self._accept()
+            listener = self._listeners.get(fd)
+            if listener is not None:
+                self._accept(listener)
             else:
                 known = self._peers.get(fd)
                 if known is not None:
@@ -427,10 +716,10 @@ class Publisher:
                 return wait
         return timeout
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
-                sock, address = self._listener.accept()
+                sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -442,12 +731,12 @@ class Publisher:
                             "the handshake", name, self._url, H.MAX_HANDSHAKES)
                 sock.close()
                 continue
-            _tune(sock)
+            _tune(sock, self._keepalive)
             peer = _Peer(sock, name)
             peer.handshake = H.ServerHandshake(
                 peer.stream, secret=self._secret, probe=self._probe,
                 max_payload=self._pool.slot_size, announce=self._announce,
-                timeout=self._handshake_timeout)
+                grant=self._grant, timeout=self._handshake_timeout)
             self._peers[sock.fileno()] = peer
             self._epoll.register(sock.fileno(), select.EPOLLIN)
             self._stats["connections"] += 1
@@ -468,7 +757,7 @@ class Publisher:
             self._stats["protocol_errors"] += 1
             self._refuse(peer, getattr(exc, "code", P.ERR_PROTOCOL), str(exc))
         except AuthenticationError as exc:
-            self._stats["auth_failures"] = self._stats.get("auth_failures", 0) + 1
+            self._stats["auth_failures"] += 1
             self._refuse(peer, P.ERR_AUTH, str(exc))
         except OSError as exc:
             self._drop(peer, f"connection failed: {exc}")
@@ -484,6 +773,13 @@ class Publisher:
                         f"does not hold")
                 del held[slot]
                 pool.release(slot, generation)
+            if peer.latest is not None and peer.has_credit():
+                slot, generation, address = peer.latest
+                peer.latest = None
+                self._queue(peer, address)
+                peer.held[slot] = generation
+                peer.sent += 1
+                self._flush(peer)
         elif not peer.ready and ftype != P.BYE:
             assert peer.handshake is not None
             done = peer.handshake.on_frame(ftype, body)
@@ -506,6 +802,10 @@ class Publisher:
             self._drop(peer, "said goodbye")
         else:
             raise ProtocolError(f"unexpected {P.FRAME_NAMES.get(ftype, ftype)} frame")
+
+    def _grant(self, requested: int) -> int:
+        """The credit window given to a subscriber that asked for ``requested`` (0: default)."""
+        return min(requested or self._window, self._pool.slots)
 
     def _announce(self, stream: Stream) -> None:
         stream.queue(P.SEGMENT, P.pack_segment(self._segment_info))
@@ -537,6 +837,9 @@ class Publisher:
         for slot, generation in peer.held.items():
             self._pool.release(slot, generation)
         peer.held.clear()
+        if peer.latest is not None:
+            self._pool.release(peer.latest[0], peer.latest[1])
+            peer.latest = None
 
     # -- closing ------------------------------------------------------------------
 
@@ -563,17 +866,23 @@ class Publisher:
                 pass
             self._drop(peer, "publisher closed", quiet=True)
         self._epoll.close()
-        self._listener.close()
-        if self._unix_path is not None:
-            try:
-                os.unlink(self._unix_path)
-            except FileNotFoundError:
-                pass
+        self._close_listeners()
         try:
             if self._probe is not None:
                 self._probe.close()
         finally:
             self._pool.close()
+
+    def _close_listeners(self) -> None:
+        for sock in self._listeners.values():
+            sock.close()
+        self._listeners.clear()
+        for path in self._unix_paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._unix_paths.clear()
 
     def __enter__(self) -> "Publisher":
         return self
@@ -614,7 +923,7 @@ def _remove_stale_socket(path: str) -> None:
     raise OSError(errno.EADDRINUSE, "another publisher is listening there", path)
 
 
-def _connect(url: str, timeout: Optional[float]) -> socket.socket:
+def _connect(url: str, timeout: Optional[float], keepalive: float = 5.0) -> socket.socket:
     family, address = parse_url(url)
     deadline = None if timeout is None else time.monotonic() + timeout
     delay = 0.01
@@ -624,7 +933,7 @@ def _connect(url: str, timeout: Optional[float]) -> socket.socket:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
             sock.settimeout(left)
             sock.connect(address)
-            _tune(sock)
+            _tune(sock, keepalive)
             return sock
         except OSError as exc:
             sock.close()
@@ -650,6 +959,13 @@ class Subscriber:
         (``None``: forever).
     identity : str
         A name the publisher logs for this subscriber.
+    window : int, optional
+        How many unreleased messages this subscriber may hold (its credit);
+        the publisher's default when not given, never more than its slots.
+    keepalive : float
+        Seconds of silence after which TCP keepalive probes the publisher (0:
+        off); a publisher that vanished without closing is reported as
+        :class:`Disconnected` about ``2 * keepalive`` seconds later.
     secret : str or bytes, optional
         The shared secret (``FASTSHM_SECRET`` by default).  With one, the
         publisher must prove it knows it too.
@@ -671,24 +987,30 @@ class Subscriber:
     """
 
     def __init__(self, url: str, *, connect_timeout: Optional[float] = 10.0,
-                 identity: str = "", secret: H.SecretLike = None, transport: str = "auto",
-                 handshake_timeout: Optional[float] = None) -> None:
-        self._url = url
-        self._closed = True
-        secret_bytes = H.resolve_secret(secret)
+                 identity: str = "", window: Optional[int] = None,
+                 keepalive: float = 5.0, secret: H.SecretLike = None,
+                 transport: str = "auto", handshake_timeout: Optional[float] = None) -> None:
+        if window is not None and not 0 < window < 2**32:
+            raise ValueError("window must be positive")
         if transport not in ("auto", "shm", "inline"):
             raise ValueError(f"transport must be 'auto', 'shm' or 'inline', not {transport!r}")
-        self._sock = _connect(url, connect_timeout)
+        secret_bytes = H.resolve_secret(secret)
+        self._url = url
+        self._closed = True
+        self._sock = _connect(url, connect_timeout, keepalive)
         self._stream = Stream(self._sock)
         self._segments: Dict[int, PeerSegment] = {}
-        self._stats = {"received": 0, "bytes": 0}
+        self._version = 0
+        self._window = window or 0
+        self._flush_at = 16
+        self._stats = {"received": 0, "bytes": 0, "inline": 0}
         self._closed = False
         self._gone: Optional[BaseException] = None
         self._said_bye = False
         self._output_broken = False
         self._handshake = H.ClientHandshake(
             self._stream, secret=secret_bytes, transport=transport, identity=identity,
-            url=url, timeout=handshake_timeout)
+            url=url, timeout=handshake_timeout, window=self._window)
         self._handshake.start()
         try:
             self._stream.flush(connect_timeout)
@@ -710,10 +1032,27 @@ class Subscriber:
         """The socket's descriptor: readable when a message (or a control frame) arrived."""
         return self._stream.fileno()
 
+    @property
+    def window(self) -> int:
+        """The credit the publisher granted (0 until the handshake is done)."""
+        return self._window if self._version else 0
+
     def stats(self) -> Dict[str, int]:
-        """Counters: messages and bytes received, releases waiting to be sent."""
+        """Counters and state.
+
+        Returns
+        -------
+        dict
+            ``received``, ``bytes``, ``held`` (messages not yet released),
+            ``window``, ``credit`` (messages the publisher may still send
+            before this subscriber releases one), ``pending_output`` (bytes
+            of releases not yet sent).
+        """
         out = dict(self._stats)
-        out["pending_output"] = self._stream.pending if not self._closed else 0
+        # Inline messages hold no slot of the publisher's: they are never released to it.
+        held = out["received"] - out["inline"] - self._stream.releases_queued
+        out.update(held=held, window=self.window, credit=max(self.window - held, 0),
+                   pending_output=self._stream.pending if not self._closed else 0)
         return out
 
     def receive(self, timeout: Optional[float] = None) -> Optional[Message]:
@@ -757,12 +1096,19 @@ class Subscriber:
                     msg = segment.message(body, stream)
                     self._stats["received"] += 1
                     self._stats["bytes"] += msg.nbytes
+                    if stream.pending >= self._flush_at and not self._output_broken:
+                        # Credit goes back in batches, before the window runs dry.
+                        try:
+                            stream.flush(0)
+                        except ConnectionError:
+                            self._output_broken = True
                     return msg
                 if ftype == P.INLINE:
                     if not self._handshake.inline:
                         raise ProtocolError("INLINE frame on a shared-memory connection")
                     msg = Message._local(body[1], body[0])
                     self._stats["received"] += 1
+                    self._stats["inline"] += 1
                     self._stats["bytes"] += msg.nbytes
                     return msg
                 self._on_control(ftype, body)
@@ -861,8 +1207,14 @@ class Subscriber:
                 segment, info.segment_id, info.slot_count, info.data_offset,
                 info.slot_stride, info.slot_size)
         elif ftype in (P.HELLO, P.AUTH, P.PROBE):
-            self._handshake.on_frame(ftype, body)
+            hs = self._handshake
+            hs.on_frame(ftype, body)
             self._stream.flush(0)
+            if hs.version and not self._version:
+                self._version = hs.version
+                if hs.window:
+                    self._window = hs.window
+                    self._flush_at = 16 * max(1, hs.window // 2)
         elif ftype == P.BYE:
             code, text = P.unpack_reason(body)
             self._said_bye = True

@@ -144,8 +144,15 @@ class SlotPool:
         return True
 
     def close(self) -> None:
-        """Unmap and unlink the segment; readers' mappings stay valid."""
+        """Unlink the segment and unmap it; readers' mappings stay valid.
+
+        Views of the segment still alive in this process (arrays from
+        ``loan_array``) keep it mapped until they are gone.
+        """
         try:
-            self.segment.close()
-        finally:
             self.segment.unlink()
+        finally:
+            try:
+                self.segment.close()
+            except BufferError:
+                pass
