@@ -387,7 +387,7 @@ class FakePublisher:
         body = P.pack_segment(info)
         if "raw_name" in change:
             raw = change["raw_name"]
-            body = body[:44] + struct.pack("<H", len(raw)) + raw
+            body = body[:40] + struct.pack("<H", len(raw)) + raw
         return body
 
     def address(self, slot: int = 0, offset: Optional[int] = None, length: int = 10,

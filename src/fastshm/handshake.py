@@ -362,6 +362,8 @@ class ServerHandshake:
 
     def _on_hello(self, body: bytes) -> bool:
         hello = P.unpack_hello(body)
+        if len(body) > P.MAX_IDENTITY + 30:
+            raise ProtocolError(f"HELLO identity is longer than {P.MAX_IDENTITY} bytes")
         if hello.max_version < P.MIN_VERSION or hello.min_version > P.MAX_VERSION:
             raise HandshakeError(
                 P.ERR_VERSION,
