@@ -123,7 +123,7 @@ def test_array_metadata_is_checked():
 def test_array_metadata_that_lies_about_the_size_is_refused(pair):
     pub, sub = pair
     from fastshm._core import FLAG_NDARRAY
-    slot = pub._take_slot(1)
+    slot = pub._take_slot(1, 10)
     pub._pool.segment.write(pub._pool.offset(slot), b"x" * 10)
     pub._publish(slot, 10, pack_array_meta(np.dtype("<f8"), (100,)), 0, FLAG_NDARRAY)
     with sub.receive(timeout=5) as msg:

@@ -158,3 +158,19 @@ def test_a_view_kept_past_the_loan_is_refused(route):
             with pub.loan(1001):
                 pass
         sub.close()
+
+
+def test_batch_sends_many_addresses_in_few_syscalls(route):
+    with Publisher(route, slot_size=64, slots=64) as pub:
+        sub = Subscriber(pub.url, window=64)
+        connect(pub, sub)
+        peer = pub._ready[0]
+        with pub.batch():
+            for i in range(50):
+                pub.send(bytes([i]))
+            assert peer.stream.pending == 50 * (8 + 56)  # queued, not yet written
+        assert peer.stream.pending == 0
+        got = [sub.receive(timeout=5) for _ in range(50)]
+        assert [bytes(m) for m in got] == [bytes([i]) for i in range(50)]
+        got.clear()
+        sub.close()

@@ -354,3 +354,28 @@ def test_open_as_another_user_explains_what_to_change():
             result = as_nobody(pub, lambda: Segment.open(seg.name) and {})
     assert result["error"] == "PermissionError"
     assert "mode 0o600" in result["message"] and "mode=0o640" in result["message"]
+
+
+def test_inline_batches_and_arrays_keep_their_slots_accounted(route):
+    np = pytest.importorskip("numpy")
+    with Publisher(route, slot_size=4096, slots=4) as pub:
+        with Subscriber(pub.url, connect_timeout=5, transport="inline") as sub:
+            connect(pub, sub)
+            with pub.batch():
+                for i in range(3):
+                    pub.send(bytes([i]) * 100)
+            got = [sub.receive(timeout=5) for _ in range(3)]
+            assert [bytes(m) for m in got] == [bytes([i]) * 100 for i in range(3)]
+            assert all(m.inline for m in got)
+            arr = np.arange(12, dtype=np.float32).reshape(3, 4)
+            pub.send(arr, meta=b"tag")
+            msg = sub.receive(timeout=5)
+            assert msg.inline and msg.meta == b"tag"
+            view = msg.array()
+            assert view.dtype == np.float32 and view.shape == (3, 4)
+            assert (view == arr).all()
+            del view
+            for _ in range(20):
+                pub.poll(0.005)
+            assert pub.stats()["slots_free"] == 4
+            assert sub.stats()["held"] == 0 and sub.stats()["inline"] == 4

@@ -192,3 +192,34 @@ def test_atomic_u64_roundtrip(segment):
 def test_direct_construction_is_refused():
     with pytest.raises(TypeError):
         Segment()
+
+
+def test_close_from_another_thread_waits_for_a_copy_in_flight():
+    import threading
+
+    data = bytes(64 << 20)
+    with Segment.create(len(data)) as seg:
+        errors = []
+        started = threading.Event()
+
+        def closer():
+            started.wait()
+            try:
+                seg.close()
+            except BufferError as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=closer)
+        t.start()
+        for _ in range(5):
+            started.set()
+            try:
+                seg.write(0, data)  # the GIL is released during the copy
+            except ValueError:
+                break  # closed between two copies: never during one
+            if errors:
+                break
+        t.join()
+        # Either the close came between copies, or it was refused during one.
+        if not seg.closed:
+            assert errors

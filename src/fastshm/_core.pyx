@@ -512,7 +512,11 @@ cdef class Segment:
             if limit >= 0 and view.len > limit:
                 raise ValueError(f"payload of {view.len} bytes does not fit in {limit} bytes")
             self._check_span(offset, view.len)
-            _copy(self._addr + offset, <const char *>view.buf, view.len)
+            self._exports += 1  # close() from another thread must wait for the copy
+            try:
+                _copy(self._addr + offset, <const char *>view.buf, view.len)
+            finally:
+                self._exports -= 1
             return view.len
         finally:
             PyBuffer_Release(&view)
@@ -521,7 +525,11 @@ cdef class Segment:
         """Return a copy of ``n`` bytes at ``offset`` as ``bytes``."""
         self._check_span(offset, n)
         cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
-        _copy(PyBytes_AS_STRING(out), self._addr + offset, n)
+        self._exports += 1
+        try:
+            _copy(PyBytes_AS_STRING(out), self._addr + offset, n)
+        finally:
+            self._exports -= 1
         return out
 
     def read_into(self, Py_ssize_t offset, buffer):
@@ -534,7 +542,11 @@ cdef class Segment:
         PyObject_GetBuffer(buffer, &view, PyBUF_ANY_CONTIGUOUS | PyBUF_WRITABLE)
         try:
             self._check_span(offset, view.len)
-            _copy(<char *>view.buf, self._addr + offset, view.len)
+            self._exports += 1
+            try:
+                _copy(<char *>view.buf, self._addr + offset, view.len)
+            finally:
+                self._exports -= 1
             return view.len
         finally:
             PyBuffer_Release(&view)

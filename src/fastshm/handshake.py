@@ -461,6 +461,11 @@ class InlineQueue:
         stream.queue_inline(address, payload)
         self._marks.append((stream.bytes_sent + stream.pending, slot, generation))
 
+    @property
+    def waiting(self) -> bool:
+        """True while some queued payload has not been sent in full (or not settled)."""
+        return bool(self._marks)
+
     def settled(self) -> List[Tuple[int, int]]:
         """``(slot, generation)`` of every payload sent in full since the last call."""
         marks = self._marks

@@ -46,6 +46,12 @@ _SEGMENT_ID = 1
 _CONNECT_RETRY = (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN)
 # Serve the sockets at least this often while sending, even with free slots.
 _SERVICE_INTERVAL = 0.001
+# Payloads at least this large take releases in before each send, so that the slot
+# freed last (still in the CPU cache) is the one reused; one poll costs little
+# next to their copy.
+_SERVICE_EVERY_SEND = 65536
+# Inside batch(), queued frames go out once this many bytes wait.
+_BATCH_FLUSH_BYTES = 65536
 
 Endpoint = Tuple[int, Union[str, Tuple[Any, ...]]]
 
@@ -272,7 +278,6 @@ class Publisher:
         self._ready: List[_Peer] = []
         self._seq = 0
         self._last_service = 0.0
-        self._low_water = max(1, slots // 2)
         self._send_timeout = send_timeout
         self._policy = policy
         self._window = window or (slots if policy == "block" else max(1, slots // 2))
@@ -283,6 +288,7 @@ class Publisher:
         self._stats = {"sent": 0, "bytes": 0, "unsent": 0, "drops": 0, "connections": 0,
                        "disconnections": 0, "protocol_errors": 0, "auth_failures": 0}
         self._last_delivered = 0
+        self._corked = 0
         self._pins: "Dict[int, weakref.ref[Any]]" = {}
         self._closed = False
 
@@ -397,7 +403,11 @@ class Publisher:
                     dest[...] = data
                     del dest
                 return self._last_delivered
-        slot = self._take_slot(timeout)
+        try:
+            size = data.nbytes if hasattr(data, "nbytes") else len(data)
+        except TypeError:
+            size = 0
+        slot = self._take_slot(timeout, size)
         pool = self._pool
         stamp = time.time_ns()
         try:
@@ -439,7 +449,7 @@ class Publisher:
         """
         if not 0 <= nbytes <= self._pool.slot_size:
             raise ValueError(f"cannot loan {nbytes} bytes: slots hold {self._pool.slot_size}")
-        slot = self._take_slot(timeout)
+        slot = self._take_slot(timeout, nbytes)
         view, before = self._lend(slot, nbytes)
         stamp = time.time_ns()
         try:
@@ -485,7 +495,7 @@ class Publisher:
         nbytes = count * dtype.itemsize
         if nbytes > self._pool.slot_size:
             raise ValueError(f"array of {nbytes} bytes does not fit in {self._pool.slot_size}")
-        slot = self._take_slot(timeout)
+        slot = self._take_slot(timeout, nbytes)
         generation = self._pool.generation(slot)
         view, _ = self._lend(slot, nbytes)
         stamp = time.time_ns()
@@ -512,6 +522,31 @@ class Publisher:
         ref = weakref.ref(base, done)
         self._pins[id(ref)] = ref
 
+    @contextmanager
+    def batch(self) -> Iterator["Publisher"]:
+        """Send the addresses of several messages in as few syscalls as possible.
+
+        Inside the block, :meth:`send` and the loans queue each address
+        instead of writing it to the sockets at once; the queue goes out when
+        it reaches 64 KiB and when the block ends.  For streaming many small
+        messages; outside a batch every message goes out immediately, for the
+        lowest latency.
+
+        Examples
+        --------
+        >>> with pub.batch():
+        ...     for reading in readings:
+        ...         pub.send(reading)
+        """
+        self._corked += 1
+        try:
+            yield self
+        finally:
+            self._corked -= 1
+            if not self._corked and not self._closed:
+                for peer in list(self._ready):
+                    self._flush(peer)
+
     def _lend(self, slot: int, nbytes: int) -> Tuple[memoryview, int]:
         """A writable view of ``nbytes`` of ``slot``, and the segment's export count before."""
         segment = self._pool.segment
@@ -529,11 +564,11 @@ class Publisher:
         # Views made with memoryview(view) or slicing share one export of the segment.
         return self._pool.segment.exports <= before
 
-    def _take_slot(self, timeout: Optional[float]) -> int:
+    def _take_slot(self, timeout: Optional[float], nbytes: int) -> int:
         if self._closed:
             raise ValueError("publisher is closed")
         pool = self._pool
-        if (pool.free_count <= self._low_water
+        if (nbytes >= _SERVICE_EVERY_SEND or pool.free_count <= 1
                 or time.monotonic() - self._last_service >= _SERVICE_INTERVAL):
             self._service(0)
         if self._policy == "block" and self._starved() is not None:
@@ -584,7 +619,10 @@ class Publisher:
                 peer.drops += 1
                 self._stats["drops"] += 1
         pool.commit(slot, holders + extra_holders)
+        corked = self._corked
         for peer in queued:
+            if corked and peer.stream.pending < _BATCH_FLUSH_BYTES:
+                continue
             self._flush(peer)
         self._stats["sent"] += 1
         self._stats["bytes"] += nbytes
@@ -676,7 +714,8 @@ class Publisher:
 
     def _service(self, timeout: Optional[float]) -> int:
         now = self._last_service = time.monotonic()
-        pending = [p for p in self._peers.values() if p.stream.pending]
+        pending = [p for p in self._peers.values()
+                   if p.stream.pending or (p.inline is not None and p.inline.waiting)]
         if pending:
             for peer in pending:
                 self._flush(peer)
