@@ -379,3 +379,30 @@ def test_inline_batches_and_arrays_keep_their_slots_accounted(route):
                 pub.poll(0.005)
             assert pub.stats()["slots_free"] == 4
             assert sub.stats()["held"] == 0 and sub.stats()["inline"] == 4
+            assert [p["transport"] for p in pub.stats()["peers"]] == ["inline"]
+
+
+def test_an_event_loop_is_woken_to_finish_a_large_inline_payload(route):
+    """Output that the socket could not take makes fileno() readable until it is sent."""
+    import select as _select
+    size = 4 << 20
+    payload = os.urandom(size)
+    with Publisher(route, slot_size=size, slots=2) as pub:
+        with Subscriber(pub.url, connect_timeout=5, transport="inline") as sub:
+            connect(pub, sub)
+            pub.send(payload)
+            peer = pub._ready[0]
+            assert peer.stream.pending > 0  # more than the socket buffers hold
+            loop = _select.epoll()
+            loop.register(pub.fileno(), _select.EPOLLIN)
+            try:
+                msg = None
+                deadline = time.monotonic() + 10
+                while msg is None and time.monotonic() < deadline:
+                    if loop.poll(0.05):  # what an event loop does: poll when told to
+                        pub.poll(0)
+                    msg = sub.receive(timeout=0.01)
+            finally:
+                loop.close()
+            assert msg is not None and msg.inline and bytes(msg) == payload
+            assert peer.stream.pending == 0 and not peer.writing

@@ -125,7 +125,7 @@ class _Peer:
     """The publisher's view of one subscriber connection."""
 
     __slots__ = ("sock", "stream", "ready", "held", "identity", "name", "sent", "window",
-                 "drops", "latest", "handshake", "inline")
+                 "drops", "latest", "handshake", "inline", "writing")
 
     def __init__(self, sock: socket.socket, name: str) -> None:
         self.sock = sock
@@ -140,6 +140,8 @@ class _Peer:
         self.drops = 0
         self.handshake: Optional[H.ServerHandshake] = None
         self.inline: Optional[H.InlineQueue] = None
+        # True while output waits for the socket: the epoll set then watches EPOLLOUT.
+        self.writing = False
         # policy "latest": the newest message waiting for credit (slot, generation, address)
         self.latest: Optional[Tuple[int, int, Address]] = None
 
@@ -149,7 +151,8 @@ class _Peer:
     def report(self) -> Dict[str, Any]:
         return {"name": self.name, "identity": self.identity, "held": len(self.held),
                 "window": self.window, "credit": self.window - len(self.held),
-                "sent": self.sent, "drops": self.drops, "waiting": self.latest is not None}
+                "sent": self.sent, "drops": self.drops, "waiting": self.latest is not None,
+                "transport": "inline" if self.inline is not None else "shm"}
 
 
 class Publisher:
@@ -352,7 +355,8 @@ class Publisher:
             ``connections``, ``disconnections``, ``protocol_errors``,
             ``subscribers``, ``slots``, ``slots_free``, ``slots_held``, and
             ``peers``: one dict per subscriber (``held``, ``window``,
-            ``credit``, ``sent``, ``drops``, ``waiting``).
+            ``credit``, ``sent``, ``drops``, ``waiting``, ``transport``: ``"shm"`` or
+            ``"inline"``); ``auth_failures`` counts refused secrets.
         """
         out: Dict[str, Any] = dict(self._stats)
         out.update(subscribers=len(self._ready), slots=self._pool.slots,
@@ -651,6 +655,16 @@ class Publisher:
         except OSError as exc:
             self._drop(peer, f"send failed: {exc}")
             return
+        writing = bool(peer.stream.pending)
+        if writing != peer.writing:
+            # fileno() then turns readable when the socket takes more, so that an event
+            # loop calls poll() and a large INLINE payload keeps going without a send().
+            peer.writing = writing
+            try:
+                self._epoll.modify(peer.stream.fileno(),
+                                   select.EPOLLIN | (select.EPOLLOUT if writing else 0))
+            except (OSError, ValueError):
+                pass
         if peer.inline is not None:
             # Slots whose payload went out in full come back, as a release would.
             pool = self._pool
@@ -727,13 +741,15 @@ class Publisher:
             events = self._epoll.poll(-1 if timeout is None else timeout)
         except InterruptedError:
             return 0
-        for fd, _ in events:
+        for fd, mask in events:
             listener = self._listeners.get(fd)
             if listener is not None:
                 self._accept(listener)
             else:
                 known = self._peers.get(fd)
-                if known is not None:
+                if known is not None and mask & select.EPOLLOUT:
+                    self._flush(known)
+                if known is not None and mask & ~select.EPOLLOUT and fd in self._peers:
                     self._serve(known)
         return len(events)
 
@@ -822,7 +838,9 @@ class Publisher:
         elif not peer.ready and ftype != P.BYE:
             assert peer.handshake is not None
             done = peer.handshake.on_frame(ftype, body)
-            peer.stream.flush(0)
+            self._flush(peer)
+            if peer.stream.fileno() not in self._peers:
+                return
             if done:
                 hs = peer.handshake
                 peer.identity = hs.identity
@@ -1082,7 +1100,8 @@ class Subscriber:
         Returns
         -------
         dict
-            ``received``, ``bytes``, ``held`` (messages not yet released),
+            ``received``, ``bytes``, ``inline`` (messages that came through
+            the connection), ``held`` (shared-memory messages not yet released),
             ``window``, ``credit`` (messages the publisher may still send
             before this subscriber releases one), ``pending_output`` (bytes
             of releases not yet sent).
