@@ -586,3 +586,72 @@ def test_slow_publisher_handshake_times_out():
             conn.close()
     finally:
         fake.close()
+
+
+def read_frames(sock: socket.socket, timeout: float = 5.0) -> List[Tuple[int, bytes]]:
+    """Every frame a peer sends until it closes the connection."""
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    out = []
+    while len(data) >= 8:
+        _, _, ftype, n = HEADER.unpack_from(data)
+        out.append((ftype, data[8:8 + n]))
+        data = data[8 + n:]
+    return out
+
+
+def test_no_common_version_is_refused_with_its_code(quiet_logs):
+    with Publisher("tcp://127.0.0.1:0", slot_size=64, slots=1) as pub:
+        s = socket.create_connection(host_port(pub.url))
+        try:
+            s.sendall(frame(P.HELLO, hello(lo=2, hi=5)))
+            got = []
+            t = threading.Thread(target=lambda: got.extend(read_frames(s)))
+            t.start()
+            while t.is_alive():
+                pub.poll(0.01)
+            t.join()
+        finally:
+            s.close()
+    [(ftype, body)] = got
+    code, text = P.unpack_reason(body)
+    assert ftype == P.ERROR and code == P.ERR_VERSION and "2..5" in text and "1..1" in text
+
+
+def test_connections_in_the_handshake_are_capped_then_expire(quiet_logs):
+    with Publisher("tcp://127.0.0.1:0", slot_size=64, slots=1, handshake_timeout=0.5) as pub:
+        idle = [socket.create_connection(host_port(pub.url)) for _ in range(H.MAX_HANDSHAKES)]
+        try:
+            for _ in range(20):
+                pub.poll(0.005)
+            assert len(pub._peers) == H.MAX_HANDSHAKES
+            extra = socket.create_connection(host_port(pub.url))
+            for _ in range(20):
+                pub.poll(0.005)
+            assert len(pub._peers) == H.MAX_HANDSHAKES
+            extra.settimeout(2)
+            assert extra.recv(1) == b""  # closed at once, without a word
+            extra.close()
+            t0 = time.monotonic()
+            while pub._peers and time.monotonic() - t0 < 3:
+                pub.poll(0.05)
+            assert not pub._peers and 0.3 < time.monotonic() - t0 < 1.5
+            # Each got an ERROR saying why.
+            ftype, body = read_frames(idle[0])[0]
+            assert ftype == P.ERROR and P.unpack_reason(body)[0] == P.ERR_TIMEOUT
+            # And a well-behaved subscriber is served right after.
+            with Subscriber(pub.url, connect_timeout=5) as sub:
+                connect(pub, sub)
+                pub.send(b"ok")
+                assert bytes(sub.receive(timeout=5)) == b"ok"
+        finally:
+            for s in idle:
+                s.close()
