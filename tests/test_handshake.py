@@ -406,3 +406,25 @@ def test_an_event_loop_is_woken_to_finish_a_large_inline_payload(route):
                 loop.close()
             assert msg is not None and msg.inline and bytes(msg) == payload
             assert peer.stream.pending == 0 and not peer.writing
+
+
+def test_latest_policy_with_an_inline_subscriber(route):
+    """Credit comes back as payloads leave, and the newest waiting message follows."""
+    size = 4 << 20
+    with Publisher(route, slot_size=size, slots=4, policy="latest", window=1) as pub:
+        with Subscriber(pub.url, connect_timeout=5, transport="inline") as sub:
+            connect(pub, sub)
+            for i in range(1, 6):
+                pub.send(bytes([i]) * size, timeout=5)
+            got = []
+            deadline = time.monotonic() + 10
+            while len(got) < 2 and time.monotonic() < deadline:
+                pub.poll(0.005)
+                msg = sub.receive(timeout=0.005)
+                if msg is not None:
+                    got.append(msg.tobytes()[:1])
+                    msg.release()
+            assert got == [b"\x01", b"\x05"]
+            for _ in range(20):
+                pub.poll(0.005)
+            assert pub.stats()["slots_free"] == 4 and pub.stats()["drops"] == 3

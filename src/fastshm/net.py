@@ -666,12 +666,21 @@ class Publisher:
             except (OSError, ValueError):
                 pass
         if peer.inline is not None:
-            # Slots whose payload went out in full come back, as a release would.
+            # Slots whose payload went out in full come back, as a release would...
             pool = self._pool
-            for slot, generation in peer.inline.settled():
+            settled = peer.inline.settled()
+            for slot, generation in settled:
                 if peer.held.get(slot) == generation:
                     del peer.held[slot]
                     pool.release(slot, generation)
+            # ... and so does the credit that a message waiting with "latest" needs.
+            if settled and peer.latest is not None and peer.has_credit():
+                slot, generation, address = peer.latest
+                peer.latest = None
+                self._queue(peer, address)
+                peer.held[slot] = generation
+                peer.sent += 1
+                self._flush(peer)
 
     def _wait_for_slot(self, timeout: Optional[float]) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
