@@ -1158,6 +1158,8 @@ cdef class Stream:
         self.bytes_sent += sent
         while sent > 0:
             nxt = self._chunks[done].at if done < self._nchunks else self._wlen
+            if done >= self._nchunks and nxt <= wdone:
+                break  # the kernel never reports more than it was given
             if nxt > wdone:
                 take = min(sent, nxt - wdone)
                 wdone += take
