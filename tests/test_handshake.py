@@ -88,15 +88,25 @@ def test_right_secret_is_served_wrong_one_is_refused(route, caplog):
         bad.close()
 
 
-def test_missing_secret_on_either_side_is_refused(route):
-    with Publisher(route, slot_size=64, slots=1, secret=b"k") as pub:
-        with Subscriber(pub.url, connect_timeout=5) as sub:
-            with pytest.raises(AuthenticationError, match="requires a shared secret"):
-                connect(pub, sub, timeout=2)
-    with Publisher(route, slot_size=64, slots=1) as pub:
-        with Subscriber(pub.url, connect_timeout=5, secret="k") as sub:
-            with pytest.raises(AuthenticationError, match="cannot prove"):
-                connect(pub, sub, timeout=2)
+def test_missing_secret_on_either_side_is_refused(route, caplog):
+    with caplog.at_level(logging.WARNING, logger="fastshm"):
+        with Publisher(route, slot_size=64, slots=1, secret=b"k") as pub:
+            with Subscriber(pub.url, connect_timeout=5) as sub:
+                with pytest.raises(AuthenticationError, match="requires a shared secret"):
+                    connect(pub, sub, timeout=2)
+                for _ in range(10):
+                    pub.poll(0.01)  # reads the subscriber's ERROR and logs it
+            assert pub.stats()["auth_failures"] == 1
+        assert "refused this publisher" in caplog.text and "requires a shared secret" \
+            in caplog.text
+        caplog.clear()
+        with Publisher(route, slot_size=64, slots=1) as pub:
+            with Subscriber(pub.url, connect_timeout=5, secret="k") as sub:
+                with pytest.raises(AuthenticationError, match="cannot prove"):
+                    connect(pub, sub, timeout=2)
+                for _ in range(10):
+                    pub.poll(0.01)
+        assert "cannot prove it knows the secret" in caplog.text
 
 
 def test_secret_from_the_environment(route, monkeypatch):

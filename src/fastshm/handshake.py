@@ -350,6 +350,11 @@ class ServerHandshake:
             If the frame is malformed or out of turn.
         """
         state = self.state
+        if ftype == P.ERROR:
+            code, text = P.unpack_reason(body)
+            if code == P.ERR_AUTH:
+                raise AuthenticationError(f"the subscriber refused this publisher: {text}")
+            raise ProtocolError(f"the subscriber gave up the handshake: {text}")
         if ftype == P.HELLO and state == "hello":
             return self._on_hello(body)
         if ftype == P.AUTH and state == "auth":
@@ -569,6 +574,9 @@ class ClientHandshake:
     def on_frame(self, ftype: int, body: bytes) -> bool:
         """Take one handshake frame from the publisher; True when it just finished.
 
+        When it fails, an ERROR saying why is queued for the publisher (which
+        logs it) before the exception propagates.
+
         Raises
         ------
         AuthenticationError
@@ -579,6 +587,16 @@ class ClientHandshake:
         ProtocolError
             If the frame is malformed or out of turn.
         """
+        try:
+            return self._on_frame(ftype, body)
+        except AuthenticationError as exc:
+            self.stream.queue(P.ERROR, P.pack_reason(P.ERR_AUTH, str(exc)))
+            raise
+        except (ProtocolError, OSError) as exc:
+            self.stream.queue(P.ERROR, P.pack_reason(P.ERR_PROTOCOL, str(exc)))
+            raise
+
+    def _on_frame(self, ftype: int, body: bytes) -> bool:
         state = self.state
         if ftype == P.HELLO and state == "hello":
             self._on_hello(body)

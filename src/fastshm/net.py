@@ -1275,8 +1275,14 @@ class Subscriber:
                 info.slot_stride, info.slot_size)
         elif ftype in (P.HELLO, P.AUTH, P.PROBE):
             hs = self._handshake
-            hs.on_frame(ftype, body)
-            self._stream.flush(0)
+            try:
+                hs.on_frame(ftype, body)
+            finally:
+                # The answer, or the ERROR that says why this side gives up.
+                try:
+                    self._stream.flush(0)
+                except OSError:
+                    pass
             if hs.version and not self._version:
                 self._version = hs.version
                 if hs.window:
