@@ -321,7 +321,8 @@ def test_publisher_survives_hostile_subscribers(quiet_logs, capsys):
         stats = pub.stats()
         assert stats["slots_free"] == 8
         assert stats["protocol_errors"] > len(cases) // 2
-        assert all(1.0 <= t < 3.0 for t in loris), loris  # handshake deadline of 1 s
+        # The handshake deadline is 1 s from accept (which may come just before t0).
+        assert all(0.9 <= t < 3.0 for t in loris), loris
         assert dropped, "a peer that never reads its replies was kept"
         with capsys.disabled():
             print(f"\n  publisher: {thrown} hostile connections in {elapsed:.1f} s, "
@@ -628,6 +629,7 @@ def test_no_common_version_is_refused_with_its_code(quiet_logs):
 
 def test_connections_in_the_handshake_are_capped_then_expire(quiet_logs):
     with Publisher("tcp://127.0.0.1:0", slot_size=64, slots=1, handshake_timeout=0.5) as pub:
+        t_start = time.monotonic()
         idle = [socket.create_connection(host_port(pub.url)) for _ in range(H.MAX_HANDSHAKES)]
         try:
             for _ in range(20):
@@ -643,7 +645,7 @@ def test_connections_in_the_handshake_are_capped_then_expire(quiet_logs):
             t0 = time.monotonic()
             while pub._peers and time.monotonic() - t0 < 3:
                 pub.poll(0.05)
-            assert not pub._peers and 0.3 < time.monotonic() - t0 < 1.5
+            assert not pub._peers and 0.5 <= time.monotonic() - t_start < 2.5
             # Each got an ERROR saying why.
             ftype, body = read_frames(idle[0])[0]
             assert ftype == P.ERROR and P.unpack_reason(body)[0] == P.ERR_TIMEOUT
