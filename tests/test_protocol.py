@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -21,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastshm import Address, ProtocolError, _core
+from fastshm import Address, Disconnected, ProtocolError, _core
 from fastshm import handshake as H
 from fastshm import protocol as P
 from fastshm.pool import SlotPool
@@ -295,3 +296,59 @@ def test_the_frame_parser_never_fails_but_with_protocol_error(data, max_inline):
 def test_every_layout_table_is_well_formed(name):
     s, fields = layout(name)
     assert s.size > 0 and len(set(fields)) == len(fields)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 200_000), st.binary(max_size=40)), min_size=1,
+                max_size=4),
+       st.lists(st.integers(1, 100_000), max_size=12),
+       st.binary(min_size=0, max_size=120))
+def test_inline_frames_of_any_size_survive_any_split_and_garbage(sizes, cuts, garbage):
+    """Large INLINE payloads go to their own buffer; whatever follows is still parsed."""
+    frames, wire = [], b""
+    for i, (n, meta) in enumerate(sizes):
+        addr = Address(1, 0, n, 1, i, flags=_core.FLAG_INLINE, meta=meta)
+        payload = bytes([i % 256]) * n
+        wire += struct.pack("<HBBI", 0x5346, 1, P.INLINE, len(addr.pack()) + n)
+        wire += addr.pack() + payload
+        frames.append((addr, payload))
+    wire += garbage
+    a, b = socket.socketpair()
+
+    def send() -> None:
+        pos = 0
+        try:
+            for cut in cuts + [len(wire)]:
+                a.sendall(wire[pos:pos + cut])
+                pos += cut
+                if pos >= len(wire):
+                    break
+            a.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the reader stopped at a protocol error and closed
+
+    sender = threading.Thread(target=send, daemon=True)
+    try:
+        rx = _core.Stream(b)
+        rx.max_inline = 200_000 + H.ADDRESS_MAX_SIZE
+        got, error = [], None
+        sender.start()
+        try:
+            while True:
+                f = rx.next_frame()
+                if f is None:
+                    rx.fill(5)
+                    continue
+                got.append(f)
+        except ProtocolError as exc:
+            error = exc
+        except Disconnected:
+            pass
+        inline = [(f[1][0], bytes(f[1][1])) for f in got if f[0] == P.INLINE]
+        assert inline[:len(frames)] == frames[:len(inline)]
+        if error is None and not garbage:
+            assert inline == frames
+    finally:
+        b.close()  # a sender still blocked in sendall gets an error and ends
+        sender.join(5)
+        a.close()

@@ -270,3 +270,60 @@ def test_close_lets_go_of_held_buffers(pair):
     tx.close()
     payload.append(0)  # no export left
     assert tx.pending == 0
+
+
+def test_large_inline_payloads_are_received_straight_into_their_buffer(pair):
+    """Large INLINE frames, cut anywhere, between small frames: all come out whole."""
+    tx, rx, a, _ = pair
+    rx.max_inline = 1 << 21
+    frames_in = []
+    wire = b""
+    for i, n in enumerate([70000, 1 << 20, 65536, 300000]):
+        addr = inline_address(n, seq=i, meta=b"m" * i)
+        payload = bytes([i + 1]) * n
+        wire += HEADER.pack(0x5346, 1, _core.INLINE, len(addr.pack()) + n) + addr.pack()
+        wire += payload
+        wire += HEADER.pack(0x5346, 1, _core.PING, 1) + bytes([i])
+        frames_in += [(addr, payload), (_core.PING, bytes([i]))]
+    got = []
+    a.settimeout(10)
+    t = threading.Thread(target=a.sendall, args=(wire,))
+    t.start()
+    deadline = time.monotonic() + 10
+    while len(got) < len(frames_in) and time.monotonic() < deadline:
+        f = rx.next_frame()
+        if f is None:
+            rx.fill(0.05)
+            continue
+        got.append(f)
+    t.join()
+    assert len(got) == len(frames_in)
+    for f, want in zip(got, frames_in):
+        if f[0] == _core.INLINE:
+            assert f[1][0] == want[0] and isinstance(f[1][1], bytearray)
+            assert bytes(f[1][1]) == want[1]
+        else:
+            assert f == want
+    assert rx.buffered == 0
+
+
+def test_a_large_inline_frame_with_a_bad_address_is_refused_before_its_payload(pair):
+    _, rx, a, _ = pair
+    rx.max_inline = 1 << 21
+    addr = Address(1, 0, 100000, flags=_core.FLAG_INLINE).pack()
+    a.sendall(HEADER.pack(0x5346, 1, _core.INLINE, len(addr) + 99999) + addr + b"x" * 10)
+    rx.fill(1.0)
+    with pytest.raises(ProtocolError, match="carries 99999"):
+        rx.next_frame()
+
+
+def test_close_drops_a_payload_being_received(pair):
+    tx, rx, a, _ = pair
+    rx.max_inline = 1 << 21
+    addr = inline_address(200000)
+    a.sendall(HEADER.pack(0x5346, 1, _core.INLINE, len(addr.pack()) + 200000) + addr.pack()
+              + b"y" * 1000)
+    rx.fill(1.0)
+    assert rx.next_frame() is None  # the payload has started
+    rx.close()
+    assert rx.next_frame() is None

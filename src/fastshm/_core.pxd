@@ -58,6 +58,9 @@ cdef class Stream:
     cdef Py_ssize_t _chunks_cap
     cdef Py_ssize_t _chunk_off
     cdef Py_ssize_t _chunk_bytes
+    cdef Address _in_address
+    cdef bytearray _in_payload
+    cdef Py_ssize_t _in_have
     cdef public Py_ssize_t max_body
     cdef public Py_ssize_t max_inline
     cdef readonly unsigned long long bytes_sent
@@ -66,6 +69,7 @@ cdef class Stream:
 
     cdef int _reserve(self, Py_ssize_t n) except -1
     cdef int _make_room(self, Py_ssize_t frame_size) except -1
+    cdef object _start_inline(self, const char *p, Py_ssize_t avail, uint32_t blen)
     cdef void _consume(self, Py_ssize_t sent) noexcept
     cdef void _release_chunks(self) noexcept
     cdef inline void _put_header(self, int ftype, Py_ssize_t n) noexcept

@@ -940,6 +940,8 @@ cdef class Stream:
         self._wlen = 0
         self._release_at = -1
         self._release_chunks()
+        self._in_address = None
+        self._in_payload = None
 
     cdef int _reserve(self, Py_ssize_t n) except -1:
         cdef Py_ssize_t cap = self._wcap
@@ -1208,16 +1210,29 @@ cdef class Stream:
         cdef bint waited = False
         cdef ssize_t n
         cdef int err
-        self._make_room(0)
-        if self._rend == self._rcap:
-            return 0  # the buffer holds whole frames: parse them first
+        cdef char *dst
+        cdef Py_ssize_t room
+        if self._in_payload is not None:
+            # An INLINE payload goes straight into its own buffer.
+            room = len(self._in_payload) - self._in_have
+            if room == 0:
+                return 0  # complete: next_frame() hands it out
+            dst = PyByteArray_AS_STRING(self._in_payload) + self._in_have
+        else:
+            self._make_room(0)
+            if self._rend == self._rcap:
+                return 0  # the buffer holds whole frames: parse them first
+            dst = self._rbuf + self._rend
+            room = self._rcap - self._rend
         while True:
             with nogil:
-                n = recv(self._fd, self._rbuf + self._rend,
-                         <size_t>(self._rcap - self._rend), MSG_DONTWAIT)
+                n = recv(self._fd, dst, <size_t>room, MSG_DONTWAIT)
                 err = errno
             if n > 0:
-                self._rend += n
+                if self._in_payload is not None:
+                    self._in_have += n
+                else:
+                    self._rend += n
                 self.bytes_received += n
                 return n
             if n == 0:
@@ -1255,6 +1270,28 @@ cdef class Stream:
             self._rcap = cap
         return 0
 
+    cdef object _start_inline(self, const char *p, Py_ssize_t avail, uint32_t blen):
+        """Begin receiving a large INLINE payload straight into its own buffer.
+
+        Once the address is buffered, the payload's buffer is made and what
+        already arrived is moved into it; :meth:`fill` receives the rest there,
+        without passing through the read buffer.
+        """
+        cdef Py_ssize_t alen = 0, have
+        cdef Py_ssize_t head
+        if avail < HDR + ADDR_FIXED:
+            return None
+        head = ADDR_FIXED + <unsigned char>p[HDR + 52] + fastshm_get_u16(p + HDR + 54)
+        if avail < HDR + head and head <= <Py_ssize_t>blen:
+            return None  # the address itself is not all here yet (it fits the buffer)
+        self._in_address = _inline_address(p + HDR, blen, &alen)
+        have = avail - HDR - alen
+        self._in_payload = PyByteArray_FromStringAndSize(NULL, <Py_ssize_t>blen - alen)
+        _copy(PyByteArray_AS_STRING(self._in_payload), p + HDR + alen, have)
+        self._in_have = have
+        self._rstart = self._rend = 0
+        return None
+
     def next_frame(self):
         """Return the next whole frame received, or ``None`` if there is none yet.
 
@@ -1277,6 +1314,14 @@ cdef class Stream:
         cdef int ftype
         cdef Py_ssize_t limit
         cdef object body
+        if self._in_payload is not None:
+            if self._in_have < len(self._in_payload):
+                return None
+            body = (self._in_address, self._in_payload)
+            self._in_address = None
+            self._in_payload = None
+            self._in_have = 0
+            return (T_INLINE, body)
         if avail < HDR:
             return None
         p = self._rbuf + self._rstart
@@ -1293,6 +1338,8 @@ cdef class Stream:
                                     f"{limit} agreed in the handshake")
             raise ProtocolError(f"frame of {blen} bytes exceeds the limit of {limit}")
         if avail < HDR + <Py_ssize_t>blen:
+            if ftype == T_INLINE and blen >= NOGIL_COPY:
+                return self._start_inline(p, avail, blen)
             if HDR + <Py_ssize_t>blen > self._rcap - self._rstart:
                 self._make_room(HDR + blen)
             return None
@@ -1308,22 +1355,28 @@ cdef class Stream:
         return (ftype, body)
 
 
-cdef tuple _inline_from(const char *p, Py_ssize_t n):
-    """Split an INLINE body into its address and a private copy of the payload."""
-    cdef Py_ssize_t alen
+cdef Address _inline_address(const char *p, Py_ssize_t n, Py_ssize_t *alen):
+    """Parse and check the address at the start of an INLINE body of ``n`` bytes."""
     cdef Address a
-    cdef bytearray payload
     if n < ADDR_FIXED:
         raise ProtocolError(f"INLINE frame of {n} bytes is shorter than an address")
-    alen = ADDR_FIXED + <unsigned char>p[52] + fastshm_get_u16(p + 54)
-    if alen > n:
-        raise ProtocolError(f"INLINE frame of {n} bytes is shorter than its address ({alen})")
-    a = _address_from(p, alen)
+    alen[0] = ADDR_FIXED + <unsigned char>p[52] + fastshm_get_u16(p + 54)
+    if alen[0] > n:
+        raise ProtocolError(f"INLINE frame of {n} bytes is shorter than its address ({alen[0]})")
+    a = _address_from(p, alen[0])
     if not (a.flags & FLAG_INL):
         raise ProtocolError("INLINE frame's address lacks FLAG_INLINE")
-    if a.length != <uint64_t>(n - alen):
+    if a.length != <uint64_t>(n - alen[0]):
         raise ProtocolError(
-            f"INLINE address says {a.length} bytes but the frame carries {n - alen}")
+            f"INLINE address says {a.length} bytes but the frame carries {n - alen[0]}")
+    return a
+
+
+cdef tuple _inline_from(const char *p, Py_ssize_t n):
+    """Split an INLINE body into its address and a private copy of the payload."""
+    cdef Py_ssize_t alen = 0
+    cdef Address a = _inline_address(p, n, &alen)
+    cdef bytearray payload
     payload = PyByteArray_FromStringAndSize(NULL, n - alen)
     _copy(PyByteArray_AS_STRING(payload), p + alen, n - alen)
     return (a, payload)
