@@ -115,3 +115,23 @@ def test_view_is_bounds_checked():
         assert bytes(Address(0, 10, 3, name=seg.name).view(seg)) == b"abc"
         with pytest.raises(IndexError):
             Address(0, 4000, 97).view(seg)
+
+
+@given(addresses())
+def test_the_publishers_fast_constructor_agrees(a):
+    if a.name:
+        return
+    fast = Address._for_slot(a.segment_id, a.slot, a.offset, a.length, a.generation,
+                             a.sequence, a.timestamp_ns, a.flags, a.meta)
+    assert fast == a and fast.pack() == a.pack()
+
+
+def test_the_fast_constructor_checks_what_callers_pass():
+    with pytest.raises(ValueError):
+        Address._for_slot(0, 0, 2**64 - 1, 1, 0, 0, 0, 0, b"")
+    with pytest.raises(ValueError):
+        Address._for_slot(0, 0, 0, 0, 0, 0, 0, 0x80, b"")
+    with pytest.raises(ValueError):
+        Address._for_slot(0, 0, 0, 0, 0, 0, 0, 0, b"x" * 1025)
+    with pytest.raises(OverflowError):
+        Address._for_slot(-1, 0, 0, 0, 0, 0, 0, 0, b"")

@@ -8,6 +8,8 @@ ls
     List fastshm segments in /dev/shm: size, owner, live or dead.
 gc
     Remove the segments whose creator is dead.
+bench
+    Run the benchmark suite (``bench/``): medians, ratios to the baselines, a chart.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from fastshm import admin, demo
+from fastshm import admin, bench, demo
 
 __all__ = ["main", "build_parser"]
 
@@ -45,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default=admin.PREFIX,
                    help="only names starting with this (default 'fastshm.')")
     p.set_defaults(run=_gc)
+
+    p = sub.add_parser("bench", help="run the benchmark suite: medians, ratios and a chart")
+    bench.add_arguments(p)
+    p.set_defaults(run=bench.run)
 
     # The demo's two processes (started by `demo`, not meant to be typed).
     p = sub.add_parser("demo-writer")

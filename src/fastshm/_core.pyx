@@ -729,6 +729,31 @@ cdef class Address:
             raise ValueError(f"address metadata is limited to {MAX_META} bytes, got {len(meta)}")
         self.meta = meta
 
+    @staticmethod
+    def _for_slot(uint32_t segment_id, uint32_t slot, uint64_t offset, uint64_t length,
+                  uint64_t generation, uint64_t sequence, uint64_t timestamp_ns,
+                  uint32_t flags, bytes meta):
+        """A publisher's address for a slot: positional and checked in C (the hot path)."""
+        cdef Address a = Address.__new__(Address)
+        if length > UINT64_MAX - offset:
+            raise ValueError("offset + length overflows 64 bits")
+        if flags & ~(<uint32_t>KNOWN_FLAGS):
+            raise ValueError(f"unknown address flags {flags:#x}")
+        if len(meta) > MAX_META:
+            raise ValueError(f"address metadata is limited to {MAX_META} bytes, got {len(meta)}")
+        a.segment_id = segment_id
+        a.slot = slot
+        a.offset = offset
+        a.length = length
+        a.generation = generation
+        a.sequence = sequence
+        a.timestamp_ns = timestamp_ns
+        a.flags = flags
+        a.name = ""
+        a._name_bytes = b""
+        a.meta = meta
+        return a
+
     cdef Py_ssize_t _packed_size(self):
         return ADDR_FIXED + len(self._name_bytes) + len(self.meta)
 

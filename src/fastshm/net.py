@@ -600,8 +600,8 @@ class Publisher:
             self._last_delivered = 0
             return 0
         gen = pool.generation(slot)
-        address = Address(_SEGMENT_ID, pool.offset(slot), nbytes, gen, self._seq, slot=slot,
-                          timestamp_ns=stamp, flags=flags, meta=meta)
+        address = Address._for_slot(_SEGMENT_ID, slot, pool.offset(slot), nbytes, gen,
+                                    self._seq, stamp, flags, bytes(meta))
         holders = 0
         queued = []
         for peer in ready:
@@ -1093,6 +1093,11 @@ class Subscriber:
     def closed(self) -> bool:
         """True once the subscriber was closed, or the publisher went away."""
         return self._closed
+
+    @property
+    def said_goodbye(self) -> bool:
+        """True when the publisher closed the route cleanly (it sent BYE)."""
+        return self._said_bye
 
     def fileno(self) -> int:
         """The socket's descriptor: readable when a message (or a control frame) arrived."""

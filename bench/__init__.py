@@ -1,0 +1,1 @@
+"""fastshm benchmarks (pytest-benchmark); see bench/README.md."""
