@@ -1227,15 +1227,16 @@ class Subscriber:
             while not self.ready:
                 frame = stream.next_frame()
                 if frame is None:
-                    wait = None if deadline is None else deadline - time.monotonic()
-                    if wait is not None and wait <= 0:
-                        break
+                    wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
                     left = self._handshake.remaining()
                     if left is not None and (wait is None or left < wait):
                         wait = left
                     if stream.pending:
                         stream.flush(wait)
-                    stream.fill(wait)
+                    # Always look once, even with no time left (wait_ready(0) polls).
+                    if stream.fill(wait) == 0 and deadline is not None \
+                            and time.monotonic() >= deadline:
+                        break
                 elif frame[0] in (P.ADDRESS, P.INLINE):
                     raise ProtocolError(f"{P.FRAME_NAMES[frame[0]]} before the handshake ended")
                 else:
