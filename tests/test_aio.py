@@ -153,8 +153,12 @@ def test_a_vanished_publisher_is_an_error_not_the_end():
         pub = fastshm.Publisher("tcp://127.0.0.1:0", slot_size=SIZE)
         try:
             sub = AsyncSubscriber(pub.url)
+            # The blocking publisher is served from a thread while the loop finishes the
+            # subscriber's handshake (it takes round trips).
+            waiting = asyncio.get_running_loop().run_in_executor(
+                None, pub.wait_for_subscribers, 1, TIMEOUT)
             await sub.connect()
-            pub.wait_for_subscribers(1, timeout=TIMEOUT)
+            await waiting
             # Close the publisher's sockets without a goodbye, as a crash would.
             for peer in list(pub._peers.values()):
                 peer.sock.shutdown(2)

@@ -8,13 +8,14 @@ np = pytest.importorskip("numpy")
 
 from fastshm import ProtocolError, Publisher, Subscriber  # noqa: E402
 from fastshm.arrays import pack_array_meta, unpack_array_meta  # noqa: E402
+from handshakes import connect
 
 
 @pytest.fixture
 def pair(route):
     pub = Publisher(route, slot_size=1 << 20, slots=4)
     sub = Subscriber(pub.url)
-    pub.wait_for_subscribers(1, timeout=5)
+    connect(pub, sub)
     yield pub, sub
     sub.close()
     pub.close()

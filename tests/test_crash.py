@@ -15,6 +15,7 @@ import pytest
 from fastshm import Disconnected, Publisher, Segment, Subscriber
 from fastshm.demo import expected_frame, pattern
 
+from handshakes import connect
 from test_net import spawn
 
 
@@ -50,7 +51,7 @@ def test_killed_subscriber_gives_its_slots_back(route):
 def test_tcp_keepalive_bounds_the_wait_for_a_vanished_peer():
     with Publisher("tcp://127.0.0.1:0", slot_size=64, slots=1, keepalive=3) as pub:
         sub = Subscriber(pub.url, keepalive=3)
-        pub.wait_for_subscribers(1, timeout=5)
+        connect(pub, sub)
         peer = pub._ready[0].sock
         for sock in (peer, sub._sock):
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1

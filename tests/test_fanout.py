@@ -9,6 +9,7 @@ import pytest
 
 from fastshm import Full, Publisher, Subscriber
 from fastshm.demo import expected_frame, pattern
+from handshakes import connect
 
 from test_net import last_json, spawn
 
@@ -44,8 +45,7 @@ def stalled_setup(pub: Publisher, fast: int = 2, count: int = 300):
     # credit, so every message reaches them whatever the stalled one does.
     procs = start_subscribers(pub, [pub.url] * fast, count, extra=("--window", "8"))
     stalled = Subscriber(pub.url, connect_timeout=5, identity="stalled")
-    pub.wait_for_subscribers(fast + 1, timeout=10)
-    stalled.wait_ready(5)
+    connect(pub, stalled, total=fast + 1, timeout=10)
     return procs, stalled
 
 
@@ -87,8 +87,7 @@ def test_block_policy_raises_full_after_its_timeout_with_a_stalled_subscriber():
     with Publisher("tcp://127.0.0.1:0", slot_size=SIZE, slots=8, policy="block",
                    window=3) as pub:
         stalled = Subscriber(pub.url, connect_timeout=5, identity="stalled")
-        pub.wait_for_subscribers(1, timeout=5)
-        stalled.wait_ready(5)
+        connect(pub, stalled)
         for _ in range(3):
             pub.send(b"x", timeout=1)
         t0 = time.monotonic()
@@ -106,9 +105,7 @@ def test_subscriber_window_is_clamped_and_reported():
     with Publisher("tcp://127.0.0.1:0", slot_size=64, slots=4) as pub:
         big = Subscriber(pub.url, window=100)
         small = Subscriber(pub.url, window=2)
-        pub.wait_for_subscribers(2, timeout=5)
-        big.wait_ready(5)
-        small.wait_ready(5)
+        connect(pub, big, small)
         assert (big.window, small.window) == (4, 2)
         pub.send(b"a")
         m = small.receive(timeout=5)
@@ -123,7 +120,7 @@ def test_subscriber_window_is_clamped_and_reported():
 def test_loan_publishes_in_place(route):
     with Publisher(route, slot_size=1000, slots=2) as pub:
         sub = Subscriber(pub.url)
-        pub.wait_for_subscribers(1, timeout=5)
+        connect(pub, sub)
         with pub.loan(5, meta=b"L") as buf:
             assert len(buf) == 5 and not buf.readonly
             buf[:] = b"hello"
@@ -136,7 +133,7 @@ def test_loan_publishes_in_place(route):
 def test_exception_inside_a_loan_discards_it(route):
     with Publisher(route, slot_size=1000, slots=2) as pub:
         sub = Subscriber(pub.url)
-        pub.wait_for_subscribers(1, timeout=5)
+        connect(pub, sub)
         with pytest.raises(RuntimeError):
             with pub.loan(10) as buf:
                 buf[:2] = b"no"
@@ -149,7 +146,7 @@ def test_exception_inside_a_loan_discards_it(route):
 def test_a_view_kept_past_the_loan_is_refused(route):
     with Publisher(route, slot_size=1000, slots=2) as pub:
         sub = Subscriber(pub.url)
-        pub.wait_for_subscribers(1, timeout=5)
+        connect(pub, sub)
         kept = []
         with pytest.raises(BufferError, match="still alive"):
             with pub.loan(10) as buf:
@@ -166,8 +163,7 @@ def test_a_view_kept_past_the_loan_is_refused(route):
 def test_batch_sends_many_addresses_in_few_syscalls(route):
     with Publisher(route, slot_size=64, slots=64) as pub:
         sub = Subscriber(pub.url, window=64)
-        pub.wait_for_subscribers(1, timeout=5)
-        sub.wait_ready(5)
+        connect(pub, sub)
         peer = pub._ready[0]
         with pub.batch():
             for i in range(50):

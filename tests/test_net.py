@@ -17,6 +17,7 @@ from fastshm import (
     parse_url,
 )
 from fastshm.demo import expected_frame, pattern
+from handshakes import connect
 
 PEERS = str(Path(__file__).with_name("peers.py"))
 FRAME = 1920 * 1080 * 3
@@ -38,9 +39,8 @@ def last_json(proc: subprocess.Popen, timeout: float = 120) -> dict:
 def connected(route):
     pub = Publisher(route, slot_size=4096, slots=4)
     sub = Subscriber(pub.url, connect_timeout=5)
-    pub.wait_for_subscribers(1, timeout=5)
-    sub.wait_ready(5)
-    assert sub.ready
+    connect(pub, sub)
+    assert sub.ready and sub.transport == "shm"
     yield pub, sub
     sub.close()
     pub.close()
@@ -179,8 +179,8 @@ def test_stale_unix_socket_file_is_replaced(tmp_path):
     s.bind(str(path))
     s.close()
     with Publisher(f"unix://{path}", slot_size=64, slots=1) as pub:
-        with Subscriber(pub.url, connect_timeout=5):
-            pub.wait_for_subscribers(1, timeout=5)
+        with Subscriber(pub.url, connect_timeout=5) as sub:
+            connect(pub, sub)
 
 
 def test_subscriber_waits_for_a_late_publisher(route, tmp_path):
@@ -221,7 +221,7 @@ def test_a_bad_release_closes_only_that_connection(route):
     with Publisher(route, slot_size=64, slots=2) as pub:
         good = Subscriber(pub.url, connect_timeout=5)
         bad = Subscriber(pub.url, connect_timeout=5)
-        pub.wait_for_subscribers(2, timeout=5)
+        connect(pub, good, bad)
         bad._stream.queue_release(1, 1, 12345)  # a slot it never held
         bad._stream.flush(1)
         with pytest.raises((ProtocolError, Disconnected)):

@@ -35,6 +35,12 @@ cdef class Address:
     cdef void _pack_into(self, char *p)
 
 
+cdef struct _Chunk:
+    # A caller's buffer sent in place, after byte ``at`` of the write buffer.
+    Py_ssize_t at
+    Py_buffer view
+
+
 cdef class Stream:
     cdef int _fd
     cdef object _sock
@@ -47,14 +53,25 @@ cdef class Stream:
     cdef Py_ssize_t _wlen
     cdef Py_ssize_t _release_at
     cdef bint _closed
+    cdef _Chunk *_chunks
+    cdef Py_ssize_t _nchunks
+    cdef Py_ssize_t _chunks_cap
+    cdef Py_ssize_t _chunk_off
+    cdef Py_ssize_t _chunk_bytes
+    cdef Address _in_address
+    cdef bytearray _in_payload
+    cdef Py_ssize_t _in_have
     cdef public Py_ssize_t max_body
+    cdef public Py_ssize_t max_inline
     cdef readonly unsigned long long bytes_sent
     cdef readonly unsigned long long bytes_received
     cdef readonly unsigned long long releases_queued
 
     cdef int _reserve(self, Py_ssize_t n) except -1
     cdef int _make_room(self, Py_ssize_t frame_size) except -1
-    cdef void _drop_sent(self, Py_ssize_t sent) noexcept
+    cdef object _start_inline(self, const char *p, Py_ssize_t avail, uint32_t blen)
+    cdef void _consume(self, Py_ssize_t sent) noexcept
+    cdef void _release_chunks(self) noexcept
     cdef inline void _put_header(self, int ftype, Py_ssize_t n) noexcept
     cdef int _queue_release(self, uint32_t segment_id, uint32_t slot, uint64_t generation) noexcept
 

@@ -15,6 +15,7 @@ from cpython.buffer cimport (
     PyBUF_ANY_CONTIGUOUS, PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_FillInfo,
     PyBuffer_Release, PyObject_GetBuffer,
 )
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
@@ -90,7 +91,10 @@ cdef enum:
     MAX_META = 1024
     KNOWN_FLAGS = 3
     T_ADDRESS = 4
+    T_INLINE = 5
     T_RELEASE = 6
+    FLAG_INL = 1
+    MAX_IOV = 64
     MAX_RELEASES = 4096
     HEADER_SIZE = 128
     ENTRY_SIZE = 64
@@ -888,7 +892,9 @@ cdef class Stream:
 
     Output is queued into one buffer and sent by :meth:`flush` in as few
     ``sendmsg`` calls as the kernel allows, so many small frames (addresses,
-    releases) cost one syscall.  Input is read in large chunks by :meth:`fill`
+    releases) cost one syscall.  The payload of an INLINE frame is not copied:
+    :meth:`queue_inline` holds an export of the caller's buffer (a slot) and
+    ``sendmsg`` gathers it straight from there, between the queued frames.  Input is read in large chunks by :meth:`fill`
     and split into whole frames by :meth:`next_frame`.  Syscalls run without
     the GIL; ``EINTR`` is retried after signal handlers ran; ``EAGAIN`` waits
     in ``poll`` up to the timeout given.
@@ -899,6 +905,7 @@ cdef class Stream:
     def __cinit__(self):
         self._rbuf = NULL
         self._wbuf = NULL
+        self._chunks = NULL
         self._release_at = -1
 
     def __init__(self, sock, Py_ssize_t max_body=DEFAULT_MAX_BODY):
@@ -915,8 +922,18 @@ cdef class Stream:
             raise MemoryError()
 
     def __dealloc__(self):
+        self._release_chunks()
+        PyMem_Free(self._chunks)
         PyMem_Free(self._rbuf)
         PyMem_Free(self._wbuf)
+
+    cdef void _release_chunks(self) noexcept:
+        cdef Py_ssize_t i
+        for i in range(self._nchunks):
+            PyBuffer_Release(&self._chunks[i].view)
+        self._nchunks = 0
+        self._chunk_off = 0
+        self._chunk_bytes = 0
 
     def fileno(self):
         """The socket's file descriptor."""
@@ -924,8 +941,18 @@ cdef class Stream:
 
     @property
     def pending(self):
-        """Bytes queued and not yet sent."""
-        return self._wlen
+        """Bytes queued and not yet sent (INLINE payloads included)."""
+        return self._wlen + self._chunk_bytes
+
+    @property
+    def pending_payload(self):
+        """Bytes of INLINE payloads queued and not yet sent."""
+        return self._chunk_bytes
+
+    @property
+    def pending_buffers(self):
+        """INLINE payloads queued whose buffers the stream still holds."""
+        return self._nchunks
 
     @property
     def buffered(self):
@@ -933,10 +960,13 @@ cdef class Stream:
         return self._rend - self._rstart
 
     def close(self):
-        """Stop using the socket: later queued frames are dropped."""
+        """Stop using the socket: queued frames are dropped, held buffers let go."""
         self._closed = True
         self._wlen = 0
         self._release_at = -1
+        self._release_chunks()
+        self._in_address = None
+        self._in_payload = None
 
     cdef int _reserve(self, Py_ssize_t n) except -1:
         cdef Py_ssize_t cap = self._wcap
@@ -989,6 +1019,57 @@ cdef class Stream:
         self._put_header(ftype, n)
         address._pack_into(self._wbuf + self._wlen)
         self._wlen += n
+
+    def queue_inline(self, Address address, buffer):
+        """Queue an INLINE frame: ``address`` followed by the bytes of ``buffer``.
+
+        The payload is not copied: the stream holds an export of ``buffer``
+        (so its memory stays valid and cannot be resized) until :meth:`flush`
+        has sent it, or the stream is closed, and then lets it go.
+
+        Raises
+        ------
+        ValueError
+            If ``address`` lacks ``FLAG_INLINE``, its length is not the
+            buffer's, or the frame would exceed 2**32-1 bytes.
+        """
+        cdef Py_buffer view
+        cdef Py_ssize_t n = address._packed_size()
+        cdef Py_ssize_t cap
+        cdef _Chunk *chunks
+        cdef bint kept = False
+        if self._closed:
+            return
+        if not (address.flags & FLAG_INL):
+            raise ValueError("an INLINE frame's address must have FLAG_INLINE set")
+        PyObject_GetBuffer(buffer, &view, PyBUF_ANY_CONTIGUOUS)
+        try:
+            if <uint64_t>view.len != address.length:
+                raise ValueError(
+                    f"address length {address.length} is not the payload's {view.len} bytes")
+            if <uint64_t>n + <uint64_t>view.len > 0xFFFFFFFF:
+                raise ValueError("INLINE frame too large")
+            self._reserve(HDR + n)
+            if view.len > 0 and self._nchunks == self._chunks_cap:
+                cap = 8 if self._chunks_cap == 0 else self._chunks_cap * 2
+                chunks = <_Chunk *>PyMem_Realloc(self._chunks, cap * sizeof(_Chunk))
+                if chunks == NULL:
+                    raise MemoryError()
+                self._chunks = chunks
+                self._chunks_cap = cap
+            self._release_at = -1
+            self._put_header(T_INLINE, n + view.len)
+            address._pack_into(self._wbuf + self._wlen)
+            self._wlen += n
+            if view.len > 0:
+                self._chunks[self._nchunks].at = self._wlen
+                self._chunks[self._nchunks].view = view
+                self._nchunks += 1
+                self._chunk_bytes += view.len
+                kept = True
+        finally:
+            if not kept:
+                PyBuffer_Release(&view)
 
     def queue_release(self, segment_id, slot, generation):
         """Queue the release of a slot; consecutive releases share one frame."""
@@ -1051,22 +1132,39 @@ cdef class Stream:
             ``BrokenPipeError`` / ``ConnectionResetError`` when the peer is gone.
         """
         cdef double deadline = _deadline(timeout)
-        cdef Py_ssize_t sent = 0
         cdef ssize_t n
-        cdef int err
-        cdef iovec iov
+        cdef int err, k
+        cdef Py_ssize_t i, pos, off
+        cdef iovec iov[MAX_IOV]
         cdef msghdr msg
         if self._closed:
             return 0
-        while sent < self._wlen:
-            iov.iov_base = self._wbuf + sent
-            iov.iov_len = <size_t>(self._wlen - sent)
-            memset_msghdr(&msg, &iov, 1)
+        while self._wlen + self._chunk_bytes > 0:
+            # Gather [queued bytes, payload, queued bytes, payload, ...].
+            k = 0
+            pos = 0
+            i = 0
+            while i < self._nchunks and k < MAX_IOV - 1:
+                if self._chunks[i].at > pos:
+                    iov[k].iov_base = self._wbuf + pos
+                    iov[k].iov_len = <size_t>(self._chunks[i].at - pos)
+                    k += 1
+                    pos = self._chunks[i].at
+                off = self._chunk_off if i == 0 else 0
+                iov[k].iov_base = <char *>self._chunks[i].view.buf + off
+                iov[k].iov_len = <size_t>(self._chunks[i].view.len - off)
+                k += 1
+                i += 1
+            if i == self._nchunks and pos < self._wlen and k < MAX_IOV:
+                iov[k].iov_base = self._wbuf + pos
+                iov[k].iov_len = <size_t>(self._wlen - pos)
+                k += 1
+            memset_msghdr(&msg, iov, <size_t>k)
             with nogil:
                 n = sendmsg(self._fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT)
                 err = errno
             if n >= 0:
-                sent += n
+                self._consume(n)
                 continue
             if err == EINTR:
                 PyErr_CheckSignals()
@@ -1076,23 +1174,47 @@ cdef class Stream:
                 if not _wait_fd(self._fd, POLLOUT, deadline):
                     break
             else:
-                self._drop_sent(sent)
                 _raise_errno(err, None)
-        self._drop_sent(sent)
-        return self._wlen
+        return self._wlen + self._chunk_bytes
 
-    cdef void _drop_sent(self, Py_ssize_t sent) noexcept:
+    cdef void _consume(self, Py_ssize_t sent) noexcept:
+        """Forget ``sent`` bytes from the front of the output; let go of sent payloads."""
+        cdef Py_ssize_t wdone = 0, done = 0, nxt, take, j
         if sent <= 0:
             return
         self.bytes_sent += sent
-        if sent >= self._wlen:
+        while sent > 0:
+            nxt = self._chunks[done].at if done < self._nchunks else self._wlen
+            if done >= self._nchunks and nxt <= wdone:
+                break  # the kernel never reports more than it was given
+            if nxt > wdone:
+                take = min(sent, nxt - wdone)
+                wdone += take
+                sent -= take
+            else:
+                take = min(sent, self._chunks[done].view.len - self._chunk_off)
+                self._chunk_off += take
+                self._chunk_bytes -= take
+                sent -= take
+                if self._chunk_off == self._chunks[done].view.len:
+                    PyBuffer_Release(&self._chunks[done].view)
+                    done += 1
+                    self._chunk_off = 0
+        if done:
+            for j in range(done, self._nchunks):
+                self._chunks[j - done] = self._chunks[j]
+            self._nchunks -= done
+        for j in range(self._nchunks):
+            self._chunks[j].at -= wdone
+        if wdone >= self._wlen:
             self._wlen = 0
             self._release_at = -1
             return
-        memmove(self._wbuf, self._wbuf + sent, self._wlen - sent)
-        self._wlen -= sent
-        if self._release_at >= 0:
-            self._release_at = -1 if self._release_at < sent else self._release_at - sent
+        if wdone > 0:
+            memmove(self._wbuf, self._wbuf + wdone, self._wlen - wdone)
+            self._wlen -= wdone
+            if self._release_at >= 0:
+                self._release_at = -1 if self._release_at < wdone else self._release_at - wdone
 
     def fill(self, timeout=None):
         """Receive what is available, waiting up to ``timeout`` seconds for some.
@@ -1113,16 +1235,29 @@ cdef class Stream:
         cdef bint waited = False
         cdef ssize_t n
         cdef int err
-        self._make_room(0)
-        if self._rend == self._rcap:
-            return 0  # the buffer holds whole frames: parse them first
+        cdef char *dst
+        cdef Py_ssize_t room
+        if self._in_payload is not None:
+            # An INLINE payload goes straight into its own buffer.
+            room = len(self._in_payload) - self._in_have
+            if room == 0:
+                return 0  # complete: next_frame() hands it out
+            dst = PyByteArray_AS_STRING(self._in_payload) + self._in_have
+        else:
+            self._make_room(0)
+            if self._rend == self._rcap:
+                return 0  # the buffer holds whole frames: parse them first
+            dst = self._rbuf + self._rend
+            room = self._rcap - self._rend
         while True:
             with nogil:
-                n = recv(self._fd, self._rbuf + self._rend,
-                         <size_t>(self._rcap - self._rend), MSG_DONTWAIT)
+                n = recv(self._fd, dst, <size_t>room, MSG_DONTWAIT)
                 err = errno
             if n > 0:
-                self._rend += n
+                if self._in_payload is not None:
+                    self._in_have += n
+                else:
+                    self._rend += n
                 self.bytes_received += n
                 return n
             if n == 0:
@@ -1160,6 +1295,28 @@ cdef class Stream:
             self._rcap = cap
         return 0
 
+    cdef object _start_inline(self, const char *p, Py_ssize_t avail, uint32_t blen):
+        """Begin receiving a large INLINE payload straight into its own buffer.
+
+        Once the address is buffered, the payload's buffer is made and what
+        already arrived is moved into it; :meth:`fill` receives the rest there,
+        without passing through the read buffer.
+        """
+        cdef Py_ssize_t alen = 0, have
+        cdef Py_ssize_t head
+        if avail < HDR + ADDR_FIXED:
+            return None
+        head = ADDR_FIXED + <unsigned char>p[HDR + 52] + fastshm_get_u16(p + HDR + 54)
+        if avail < HDR + head and head <= <Py_ssize_t>blen:
+            return None  # the address itself is not all here yet (it fits the buffer)
+        self._in_address = _inline_address(p + HDR, blen, &alen)
+        have = avail - HDR - alen
+        self._in_payload = PyByteArray_FromStringAndSize(NULL, <Py_ssize_t>blen - alen)
+        _copy(PyByteArray_AS_STRING(self._in_payload), p + HDR + alen, have)
+        self._in_have = have
+        self._rstart = self._rend = 0
+        return None
+
     def next_frame(self):
         """Return the next whole frame received, or ``None`` if there is none yet.
 
@@ -1167,7 +1324,9 @@ cdef class Stream:
         -------
         tuple or None
             ``(frame_type, body)``: body is an :class:`Address` for ADDRESS
-            frames and ``bytes`` for every other type.
+            frames, ``(Address, bytearray)`` for INLINE frames (checked
+            against ``max_inline``, 0 until a handshake raises it) and
+            ``bytes`` for every other type.
 
         Raises
         ------
@@ -1178,7 +1337,16 @@ cdef class Stream:
         cdef const char *p
         cdef uint32_t blen
         cdef int ftype
+        cdef Py_ssize_t limit
         cdef object body
+        if self._in_payload is not None:
+            if self._in_have < len(self._in_payload):
+                return None
+            body = (self._in_address, self._in_payload)
+            self._in_address = None
+            self._in_payload = None
+            self._in_have = 0
+            return (T_INLINE, body)
         if avail < HDR:
             return None
         p = self._rbuf + self._rstart
@@ -1188,20 +1356,55 @@ cdef class Stream:
             raise ProtocolError(f"unsupported frame version {<unsigned char>p[2]}")
         ftype = <unsigned char>p[3]
         blen = fastshm_get_u32(p + 4)
-        if blen > <uint64_t>self.max_body:
-            raise ProtocolError(f"frame of {blen} bytes exceeds the limit of {self.max_body}")
+        limit = self.max_inline if ftype == T_INLINE else self.max_body
+        if blen > <uint64_t>limit:
+            if ftype == T_INLINE:
+                raise ProtocolError(f"INLINE frame of {blen} bytes exceeds the limit of "
+                                    f"{limit} agreed in the handshake")
+            raise ProtocolError(f"frame of {blen} bytes exceeds the limit of {limit}")
         if avail < HDR + <Py_ssize_t>blen:
+            if ftype == T_INLINE and blen >= NOGIL_COPY:
+                return self._start_inline(p, avail, blen)
             if HDR + <Py_ssize_t>blen > self._rcap - self._rstart:
                 self._make_room(HDR + blen)
             return None
         self._rstart += HDR + blen
         if ftype == T_ADDRESS:
             body = _address_from(p + HDR, blen)
+        elif ftype == T_INLINE:
+            body = _inline_from(p + HDR, blen)
         else:
             body = PyBytes_FromStringAndSize(p + HDR, blen)
         if self._rstart == self._rend:
             self._rstart = self._rend = 0
         return (ftype, body)
+
+
+cdef Address _inline_address(const char *p, Py_ssize_t n, Py_ssize_t *alen):
+    """Parse and check the address at the start of an INLINE body of ``n`` bytes."""
+    cdef Address a
+    if n < ADDR_FIXED:
+        raise ProtocolError(f"INLINE frame of {n} bytes is shorter than an address")
+    alen[0] = ADDR_FIXED + <unsigned char>p[52] + fastshm_get_u16(p + 54)
+    if alen[0] > n:
+        raise ProtocolError(f"INLINE frame of {n} bytes is shorter than its address ({alen[0]})")
+    a = _address_from(p, alen[0])
+    if not (a.flags & FLAG_INL):
+        raise ProtocolError("INLINE frame's address lacks FLAG_INLINE")
+    if a.length != <uint64_t>(n - alen[0]):
+        raise ProtocolError(
+            f"INLINE address says {a.length} bytes but the frame carries {n - alen[0]}")
+    return a
+
+
+cdef tuple _inline_from(const char *p, Py_ssize_t n):
+    """Split an INLINE body into its address and a private copy of the payload."""
+    cdef Py_ssize_t alen = 0
+    cdef Address a = _inline_address(p, n, &alen)
+    cdef bytearray payload
+    payload = PyByteArray_FromStringAndSize(NULL, n - alen)
+    _copy(PyByteArray_AS_STRING(payload), p + alen, n - alen)
+    return (a, payload)
 
 
 cdef inline void memset_msghdr(msghdr *msg, iovec *iov, size_t n) noexcept:

@@ -221,7 +221,7 @@ class AsyncSubscriber:
         return self._url
 
     async def connect(self) -> "AsyncSubscriber":
-        """Connect to the publisher (waiting up to ``connect_timeout`` for it).
+        """Connect to the publisher and finish the handshake (within ``connect_timeout``).
 
         Raises
         ------
@@ -234,7 +234,21 @@ class AsyncSubscriber:
             # afterwards are driven by the loop alone.
             loop = asyncio.get_running_loop()
             kwargs = self._kwargs
-            self._sub = await loop.run_in_executor(None, lambda: Subscriber(self._url, **kwargs))
+            sub = await loop.run_in_executor(None, lambda: Subscriber(self._url, **kwargs))
+            self._sub = sub
+            # The handshake takes round trips (HELLO, AUTH, PROBE): drive it from the loop,
+            # which meanwhile serves a publisher living in the same loop.
+            timeout = kwargs.get("connect_timeout", 10.0)
+            deadline = None if timeout is None else loop.time() + timeout
+            while not sub.ready:
+                try:
+                    sub.wait_ready(0)
+                except TimeoutError:
+                    left = _left(loop, deadline)
+                    if left is not None and left <= 0:
+                        raise TimeoutError(f"publisher at {self._url} did not finish the "
+                                           f"handshake within {timeout} s") from None
+                    await self._readable(loop, sub, 0.05 if left is None else min(left, 0.05))
         return self
 
     def _ready_sub(self) -> Subscriber:

@@ -26,12 +26,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from contextlib import contextmanager
 
+from fastshm import handshake as H
 from fastshm import protocol as P
 from fastshm._core import (
-    FLAG_NDARRAY, Address, Message, PeerSegment, Segment, Stream, check_name,
+    FLAG_INLINE, FLAG_NDARRAY, Address, Message, PeerSegment, Segment, Stream, check_name,
 )
 from fastshm.arrays import is_ndarray, pack_array_meta
-from fastshm.errors import Disconnected, Full, ProtocolError
+from fastshm.errors import AuthenticationError, Disconnected, Full, ProtocolError
 from fastshm.pool import SlotPool
 
 #: What a publisher does with a message for a subscriber that has no credit left.
@@ -124,7 +125,7 @@ class _Peer:
     """The publisher's view of one subscriber connection."""
 
     __slots__ = ("sock", "stream", "ready", "held", "identity", "name", "sent", "window",
-                 "drops", "latest")
+                 "drops", "latest", "handshake", "inline", "writing")
 
     def __init__(self, sock: socket.socket, name: str) -> None:
         self.sock = sock
@@ -137,6 +138,10 @@ class _Peer:
         self.sent = 0
         self.window = 0
         self.drops = 0
+        self.handshake: Optional[H.ServerHandshake] = None
+        self.inline: Optional[H.InlineQueue] = None
+        # True while output waits for the socket: the epoll set then watches EPOLLOUT.
+        self.writing = False
         # policy "latest": the newest message waiting for credit (slot, generation, address)
         self.latest: Optional[Tuple[int, int, Address]] = None
 
@@ -146,7 +151,8 @@ class _Peer:
     def report(self) -> Dict[str, Any]:
         return {"name": self.name, "identity": self.identity, "held": len(self.held),
                 "window": self.window, "credit": self.window - len(self.held),
-                "sent": self.sent, "drops": self.drops, "waiting": self.latest is not None}
+                "sent": self.sent, "drops": self.drops, "waiting": self.latest is not None,
+                "transport": "inline" if self.inline is not None else "shm"}
 
 
 class Publisher:
@@ -187,6 +193,13 @@ class Publisher:
         Seconds of silence after which TCP keepalive probes a subscriber;
         one that vanished without closing is dropped, and its slots freed,
         about ``2 * keepalive`` seconds later.  0 turns probing off.
+    secret : str or bytes, optional
+        A shared secret every subscriber must prove it knows (HMAC-SHA256
+        challenge-response, both ways); ``FASTSHM_SECRET`` by default.
+    insecure : bool
+        Allow listening on a non-loopback TCP address without a secret.
+    handshake_timeout : float
+        Seconds a new connection has to finish the handshake.
 
     Notes
     -----
@@ -204,7 +217,8 @@ class Publisher:
                  channel: Optional[str] = None, mode: int = 0o600,
                  group: Optional[int] = None, send_timeout: Optional[float] = None,
                  policy: str = "block", window: Optional[int] = None,
-                 keepalive: float = 5.0) -> None:
+                 keepalive: float = 5.0, secret: H.SecretLike = None, insecure: bool = False,
+                 handshake_timeout: float = H.DEFAULT_HANDSHAKE_TIMEOUT) -> None:
         if slot_size <= 0 or slots <= 0:
             raise ValueError("slot_size and slots must be positive")
         if policy not in POLICIES:
@@ -215,6 +229,11 @@ class Publisher:
         if not urls:
             raise ValueError("a publisher needs at least one URL")
         endpoints = [parse_url(u) for u in urls]
+        self._secret = H.resolve_secret(secret)
+        for u, (family, address) in zip(urls, endpoints):
+            H.check_bind(family, address, u, self._secret, insecure)
+        self._handshake_timeout = float(handshake_timeout)
+        self._probe: Optional[H.Probe] = None
         self._closed = True
         self._unix_paths: List[str] = []
         self._listeners: Dict[int, socket.socket] = {}
@@ -234,6 +253,7 @@ class Publisher:
                 listener.listen(64)
                 listener.setblocking(False)
             name = None
+            prefix = "fastshm."
             if channel is not None:
                 from fastshm.admin import reap
                 prefix = f"fastshm.{channel}."
@@ -243,6 +263,11 @@ class Publisher:
                              gone, channel)
                 name = f"{prefix}{os.urandom(8).hex()}"
             self._pool = SlotPool(slot_size, slots, name=name, mode=mode, group=group)
+            try:
+                self._probe = H.Probe(mode, group, prefix)
+            except BaseException:
+                self._pool.close()
+                raise
         except BaseException:
             self._close_listeners()
             raise
@@ -264,7 +289,7 @@ class Publisher:
             _SEGMENT_ID, slots, self._pool.segment.size, self._pool.data_offset,
             self._pool.slot_stride, self._pool.slot_size, self._pool.segment.name)
         self._stats = {"sent": 0, "bytes": 0, "unsent": 0, "drops": 0, "connections": 0,
-                       "disconnections": 0, "protocol_errors": 0}
+                       "disconnections": 0, "protocol_errors": 0, "auth_failures": 0}
         self._last_delivered = 0
         self._corked = 0
         self._pins: "Dict[int, weakref.ref[Any]]" = {}
@@ -330,7 +355,8 @@ class Publisher:
             ``connections``, ``disconnections``, ``protocol_errors``,
             ``subscribers``, ``slots``, ``slots_free``, ``slots_held``, and
             ``peers``: one dict per subscriber (``held``, ``window``,
-            ``credit``, ``sent``, ``drops``, ``waiting``).
+            ``credit``, ``sent``, ``drops``, ``waiting``, ``transport``: ``"shm"`` or
+            ``"inline"``); ``auth_failures`` counts refused secrets.
         """
         out: Dict[str, Any] = dict(self._stats)
         out.update(subscribers=len(self._ready), slots=self._pool.slots,
@@ -523,10 +549,7 @@ class Publisher:
             self._corked -= 1
             if not self._corked and not self._closed:
                 for peer in list(self._ready):
-                    try:
-                        peer.stream.flush(0)
-                    except OSError as exc:
-                        self._drop(peer, f"send failed: {exc}")
+                    self._flush(peer)
 
     def _lend(self, slot: int, nbytes: int) -> Tuple[memoryview, int]:
         """A writable view of ``nbytes`` of ``slot``, and the segment's export count before."""
@@ -583,7 +606,7 @@ class Publisher:
         queued = []
         for peer in ready:
             if peer.has_credit():
-                peer.stream.queue_address(address)
+                self._queue(peer, address)
                 peer.held[slot] = gen
                 peer.sent += 1
                 queued.append(peer)
@@ -604,14 +627,60 @@ class Publisher:
         for peer in queued:
             if corked and peer.stream.pending < _BATCH_FLUSH_BYTES:
                 continue
-            try:
-                peer.stream.flush(0)
-            except OSError as exc:
-                self._drop(peer, f"send failed: {exc}")
+            self._flush(peer)
         self._stats["sent"] += 1
         self._stats["bytes"] += nbytes
         self._last_delivered = holders
         return holders
+
+    def _queue(self, peer: _Peer, address: Address) -> None:
+        """Queue a message for ``peer``: its address, or its payload for an inline peer."""
+        if peer.inline is None:
+            peer.stream.queue_address(address)
+            return
+        # Sent straight from the slot, which stays held until the last byte is out.
+        start = address.offset
+        with memoryview(self._pool.segment) as whole:
+            payload = whole[start:start + address.length]
+        peer.inline.queue(Address(
+            address.segment_id, start, address.length, address.generation, address.sequence,
+            slot=address.slot, timestamp_ns=address.timestamp_ns,
+            flags=address.flags | FLAG_INLINE, meta=address.meta), payload,
+            address.slot, address.generation)
+
+    def _flush(self, peer: _Peer) -> None:
+        """Send what is queued for ``peer`` without waiting; drop it if it is gone."""
+        try:
+            peer.stream.flush(0)
+        except OSError as exc:
+            self._drop(peer, f"send failed: {exc}")
+            return
+        writing = bool(peer.stream.pending)
+        if writing != peer.writing:
+            # fileno() then turns readable when the socket takes more, so that an event
+            # loop calls poll() and a large INLINE payload keeps going without a send().
+            peer.writing = writing
+            try:
+                self._epoll.modify(peer.stream.fileno(),
+                                   select.EPOLLIN | (select.EPOLLOUT if writing else 0))
+            except (OSError, ValueError):
+                pass
+        if peer.inline is not None:
+            # Slots whose payload went out in full come back, as a release would...
+            pool = self._pool
+            settled = peer.inline.settled()
+            for slot, generation in settled:
+                if peer.held.get(slot) == generation:
+                    del peer.held[slot]
+                    pool.release(slot, generation)
+            # ... and so does the credit that a message waiting with "latest" needs.
+            if settled and peer.latest is not None and peer.has_credit():
+                slot, generation, address = peer.latest
+                peer.latest = None
+                self._queue(peer, address)
+                peer.held[slot] = generation
+                peer.sent += 1
+                self._flush(peer)
 
     def _wait_for_slot(self, timeout: Optional[float]) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -667,29 +736,49 @@ class Publisher:
         return len(self._ready)
 
     def _service(self, timeout: Optional[float]) -> int:
-        self._last_service = time.monotonic()
-        pending = [p for p in self._ready if p.stream.pending]
+        now = self._last_service = time.monotonic()
+        pending = [p for p in self._peers.values()
+                   if p.stream.pending or (p.inline is not None and p.inline.waiting)]
         if pending and not (self._corked and timeout == 0):  # a batch flushes at 64 KiB or its end
             for peer in pending:
-                try:
-                    peer.stream.flush(0)
-                except OSError as exc:
-                    self._drop(peer, f"send failed: {exc}")
+                self._flush(peer)
             if timeout is None or timeout > 0.01:
                 timeout = 0.01
+        if len(self._peers) > len(self._ready):
+            timeout = self._expire_handshakes(now, timeout)
         try:
             events = self._epoll.poll(-1 if timeout is None else timeout)
         except InterruptedError:
             return 0
-        for fd, _ in events:
+        for fd, mask in events:
             listener = self._listeners.get(fd)
             if listener is not None:
                 self._accept(listener)
             else:
                 known = self._peers.get(fd)
-                if known is not None:
+                if known is not None and mask & select.EPOLLOUT:
+                    self._flush(known)
+                if known is not None and mask & ~select.EPOLLOUT and fd in self._peers:
                     self._serve(known)
         return len(events)
+
+    def _expire_handshakes(self, now: float, timeout: Optional[float]) -> Optional[float]:
+        """Drop connections past their handshake deadline; shorten ``timeout`` to the next."""
+        nearest = None
+        for peer in list(self._peers.values()):
+            hs = peer.handshake
+            if peer.ready or hs is None:
+                continue
+            if hs.expired(now):
+                self._refuse(peer, P.ERR_TIMEOUT,
+                             f"handshake not finished within {self._handshake_timeout} s")
+            elif nearest is None or hs.deadline < nearest:
+                nearest = hs.deadline
+        if nearest is not None:
+            wait = max(nearest - now, 0.0) + 0.001
+            if timeout is None or wait < timeout:
+                return wait
+        return timeout
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -700,8 +789,18 @@ class Publisher:
             except OSError as exc:
                 log.warning("accept on %s failed: %s", self._url, exc)
                 return
+            name = _format_url(sock.family, address) if address else "unix peer"
+            if len(self._peers) - len(self._ready) >= H.MAX_HANDSHAKES:
+                log.warning("refusing connection from %s to %s: %d connections are already in "
+                            "the handshake", name, self._url, H.MAX_HANDSHAKES)
+                sock.close()
+                continue
             _tune(sock, self._keepalive)
-            peer = _Peer(sock, _format_url(sock.family, address) if address else "unix peer")
+            peer = _Peer(sock, name)
+            peer.handshake = H.ServerHandshake(
+                peer.stream, secret=self._secret, probe=self._probe,
+                max_payload=self._pool.slot_size, announce=self._announce,
+                grant=self._grant, timeout=self._handshake_timeout)
             self._peers[sock.fileno()] = peer
             self._epoll.register(sock.fileno(), select.EPOLLIN)
             self._stats["connections"] += 1
@@ -720,7 +819,10 @@ class Publisher:
             self._drop(peer, "closed by peer")
         except ProtocolError as exc:
             self._stats["protocol_errors"] += 1
-            self._refuse(peer, P.ERR_PROTOCOL, str(exc))
+            self._refuse(peer, getattr(exc, "code", P.ERR_PROTOCOL), str(exc))
+        except AuthenticationError as exc:
+            self._stats["auth_failures"] += 1
+            self._refuse(peer, P.ERR_AUTH, str(exc))
         except OSError as exc:
             self._drop(peer, f"connection failed: {exc}")
 
@@ -738,35 +840,41 @@ class Publisher:
             if peer.latest is not None and peer.has_credit():
                 slot, generation, address = peer.latest
                 peer.latest = None
-                peer.stream.queue_address(address)
+                self._queue(peer, address)
                 peer.held[slot] = generation
                 peer.sent += 1
-                peer.stream.flush(0)
-        elif ftype == P.HELLO and not peer.ready:
-            hello = P.unpack_hello(body)
-            if hello.max_version < P.MIN_VERSION or hello.min_version > P.MAX_VERSION:
-                self._refuse(peer, P.ERR_VERSION,
-                             f"no common protocol version: peer speaks {hello.min_version}.."
-                             f"{hello.max_version}, this publisher {P.MIN_VERSION}.."
-                             f"{P.MAX_VERSION}")
+                self._flush(peer)
+        elif not peer.ready and ftype != P.BYE:
+            assert peer.handshake is not None
+            done = peer.handshake.on_frame(ftype, body)
+            self._flush(peer)
+            if peer.stream.fileno() not in self._peers:
                 return
-            version = min(hello.max_version, P.MAX_VERSION)
-            peer.identity = hello.identity
-            peer.window = min(hello.window or self._window, self._pool.slots)
-            stream = peer.stream
-            stream.queue(P.HELLO, P.pack_hello(P.Hello(
-                version, version, P.FEATURE_SHM, peer.window, os.urandom(16), "")))
-            stream.queue(P.SEGMENT, P.pack_segment(self._segment_info))
-            stream.flush(1.0)
-            peer.ready = True
-            self._ready.append(peer)
-            log.debug("subscriber %s (%s) connected to %s", peer.name, peer.identity, self._url)
+            if done:
+                hs = peer.handshake
+                peer.identity = hs.identity
+                peer.window = hs.window
+                if hs.inline:
+                    peer.inline = H.InlineQueue(peer.stream)
+                peer.ready = True
+                self._ready.append(peer)
+                log.debug("subscriber %s (%s) connected to %s, %s", peer.name, peer.identity,
+                          self._url, "inline" if hs.inline else "shared memory")
         elif ftype == P.PING:
+            if peer.stream.pending - peer.stream.pending_payload > H.MAX_BACKLOG:
+                raise ProtocolError("peer does not read its replies")
             peer.stream.queue(P.PONG, body)
         elif ftype == P.BYE:
             self._drop(peer, "said goodbye")
         else:
             raise ProtocolError(f"unexpected {P.FRAME_NAMES.get(ftype, ftype)} frame")
+
+    def _grant(self, requested: int) -> int:
+        """The credit window given to a subscriber that asked for ``requested`` (0: default)."""
+        return min(requested or self._window, self._pool.slots)
+
+    def _announce(self, stream: Stream) -> None:
+        stream.queue(P.SEGMENT, P.pack_segment(self._segment_info))
 
     def _refuse(self, peer: _Peer, code: int, reason: str) -> None:
         log.warning("closing connection from %s to %s: %s", peer.name, self._url, reason)
@@ -825,7 +933,11 @@ class Publisher:
             self._drop(peer, "publisher closed", quiet=True)
         self._epoll.close()
         self._close_listeners()
-        self._pool.close()
+        try:
+            if self._probe is not None:
+                self._probe.close()
+        finally:
+            self._pool.close()
 
     def _close_listeners(self) -> None:
         for sock in self._listeners.values():
@@ -920,6 +1032,17 @@ class Subscriber:
         Seconds of silence after which TCP keepalive probes the publisher (0:
         off); a publisher that vanished without closing is reported as
         :class:`Disconnected` about ``2 * keepalive`` seconds later.
+    secret : str or bytes, optional
+        The shared secret (``FASTSHM_SECRET`` by default).  With one, the
+        publisher must prove it knows it too.
+    transport : str
+        ``"auto"``: payloads stay in shared memory when this process proves it
+        can map the publisher's (same host, same ``/dev/shm``), and come
+        through the connection otherwise (``Message.inline``); ``"shm"``:
+        shared memory or an error; ``"inline"``: always through the connection.
+    handshake_timeout : float, optional
+        Seconds the publisher has to finish the handshake (``None``: only the
+        timeouts of :meth:`receive` and :meth:`wait_ready` apply).
 
     Examples
     --------
@@ -931,9 +1054,13 @@ class Subscriber:
 
     def __init__(self, url: str, *, connect_timeout: Optional[float] = 10.0,
                  identity: str = "", window: Optional[int] = None,
-                 keepalive: float = 5.0) -> None:
+                 keepalive: float = 5.0, secret: H.SecretLike = None,
+                 transport: str = "auto", handshake_timeout: Optional[float] = None) -> None:
         if window is not None and not 0 < window < 2**32:
             raise ValueError("window must be positive")
+        if transport not in ("auto", "shm", "inline"):
+            raise ValueError(f"transport must be 'auto', 'shm' or 'inline', not {transport!r}")
+        secret_bytes = H.resolve_secret(secret)
         self._url = url
         self._closed = True
         self._sock = _connect(url, connect_timeout, keepalive)
@@ -942,14 +1069,15 @@ class Subscriber:
         self._version = 0
         self._window = window or 0
         self._flush_at = 16
-        self._stats = {"received": 0, "bytes": 0}
+        self._stats = {"received": 0, "bytes": 0, "inline": 0}
         self._closed = False
         self._gone: Optional[BaseException] = None
         self._said_bye = False
         self._output_broken = False
-        hello = P.Hello(P.MIN_VERSION, P.MAX_VERSION, P.FEATURE_SHM, self._window,
-                        os.urandom(16), identity or f"pid {os.getpid()}")
-        self._stream.queue(P.HELLO, P.pack_hello(hello))
+        self._handshake = H.ClientHandshake(
+            self._stream, secret=secret_bytes, transport=transport, identity=identity,
+            url=url, timeout=handshake_timeout, window=self._window)
+        self._handshake.start()
         try:
             self._stream.flush(connect_timeout)
         except OSError:
@@ -986,13 +1114,15 @@ class Subscriber:
         Returns
         -------
         dict
-            ``received``, ``bytes``, ``held`` (messages not yet released),
+            ``received``, ``bytes``, ``inline`` (messages that came through
+            the connection), ``held`` (shared-memory messages not yet released),
             ``window``, ``credit`` (messages the publisher may still send
             before this subscriber releases one), ``pending_output`` (bytes
             of releases not yet sent).
         """
         out = dict(self._stats)
-        held = out["received"] - self._stream.releases_queued
+        # Inline messages hold no slot of the publisher's: they are never released to it.
+        held = out["received"] - out["inline"] - self._stream.releases_queued
         out.update(held=held, window=self.window, credit=max(self.window - held, 0),
                    pending_output=self._stream.pending if not self._closed else 0)
         return out
@@ -1018,6 +1148,9 @@ class Subscriber:
                 frame = stream.next_frame()
                 if frame is None:
                     wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                    left = self._handshake.remaining()
+                    if left is not None and (wait is None or left < wait):
+                        wait = left
                     if stream.pending and not self._output_broken:
                         try:
                             stream.flush(wait)
@@ -1042,6 +1175,14 @@ class Subscriber:
                         except ConnectionError:
                             self._output_broken = True
                     return msg
+                if ftype == P.INLINE:
+                    if not self._handshake.inline:
+                        raise ProtocolError("INLINE frame on a shared-memory connection")
+                    msg = Message._local(body[1], body[0])
+                    self._stats["received"] += 1
+                    self._stats["inline"] += 1
+                    self._stats["bytes"] += msg.nbytes
+                    return msg
                 self._on_control(ftype, body)
         except Disconnected as exc:
             self._shutdown(exc)
@@ -1056,8 +1197,15 @@ class Subscriber:
 
     @property
     def ready(self) -> bool:
-        """True once the handshake is done and the publisher's segment is mapped."""
-        return bool(self._segments)
+        """True once the handshake is done (and the publisher's segment mapped, if shared)."""
+        hs = self._handshake
+        return hs.done and (hs.inline or bool(self._segments))
+
+    @property
+    def transport(self) -> Optional[str]:
+        """``"shm"`` or ``"inline"`` once the handshake chose; None before."""
+        hs = self._handshake
+        return None if not hs.done else ("inline" if hs.inline else "shm")
 
     def wait_ready(self, timeout: Optional[float] = None) -> None:
         """Finish the handshake: wait until the publisher's segment is mapped.
@@ -1076,16 +1224,21 @@ class Subscriber:
         stream = self._stream
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            while not self._segments:
+            while not self.ready:
                 frame = stream.next_frame()
                 if frame is None:
-                    wait = None if deadline is None else deadline - time.monotonic()
-                    if wait is not None and wait <= 0:
-                        raise TimeoutError(f"publisher at {self._url} did not answer within "
-                                           f"{timeout} s")
-                    stream.fill(wait)
-                elif frame[0] == P.ADDRESS:
-                    raise ProtocolError("ADDRESS before SEGMENT")
+                    wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                    left = self._handshake.remaining()
+                    if left is not None and (wait is None or left < wait):
+                        wait = left
+                    if stream.pending:
+                        stream.flush(wait)
+                    # Always look once, even with no time left (wait_ready(0) polls).
+                    if stream.fill(wait) == 0 and deadline is not None \
+                            and time.monotonic() >= deadline:
+                        break
+                elif frame[0] in (P.ADDRESS, P.INLINE):
+                    raise ProtocolError(f"{P.FRAME_NAMES[frame[0]]} before the handshake ended")
                 else:
                     self._on_control(frame[0], frame[1])
         except Disconnected as exc:
@@ -1098,14 +1251,20 @@ class Subscriber:
         except (OSError, ValueError, LookupError) as exc:
             self._shutdown(exc)
             raise
+        if not self.ready:
+            # The caller's timeout: the subscriber stays usable.
+            raise TimeoutError(f"publisher at {self._url} did not answer within {timeout} s")
 
     def _on_control(self, ftype: int, body: bytes) -> None:
         if ftype == P.SEGMENT:
-            if not self._version:
-                raise ProtocolError("SEGMENT before HELLO")
+            if not self._handshake.shm:
+                raise ProtocolError("SEGMENT before the handshake chose shared memory")
             info = P.unpack_segment(body)
             if info.segment_id in self._segments:
                 raise ProtocolError(f"segment id {info.segment_id} announced twice")
+            if len(self._segments) >= H.MAX_SEGMENTS:
+                raise ProtocolError(f"publisher announced more than {H.MAX_SEGMENTS} segments")
+            H.check_peer_name(info.name.encode("ascii"), "SEGMENT")
             try:
                 segment = Segment.open(info.name, readonly=True)
             except FileNotFoundError as exc:
@@ -1120,22 +1279,30 @@ class Subscriber:
             self._segments[info.segment_id] = PeerSegment(
                 segment, info.segment_id, info.slot_count, info.data_offset,
                 info.slot_stride, info.slot_size)
-        elif ftype == P.HELLO:
-            if self._version:
-                raise ProtocolError("second HELLO")
-            hello = P.unpack_hello(body)
-            if not P.MIN_VERSION <= hello.min_version <= P.MAX_VERSION:
-                raise ProtocolError(f"publisher chose unsupported version {hello.min_version}")
-            self._version = hello.min_version
-            if hello.window:
-                self._window = hello.window
-                self._flush_at = 16 * max(1, hello.window // 2)
+        elif ftype in (P.HELLO, P.AUTH, P.PROBE):
+            hs = self._handshake
+            try:
+                hs.on_frame(ftype, body)
+            finally:
+                # The answer, or the ERROR that says why this side gives up.
+                try:
+                    self._stream.flush(0)
+                except OSError:
+                    pass
+            if hs.version and not self._version:
+                self._version = hs.version
+                if hs.window:
+                    self._window = hs.window
+                    self._flush_at = 16 * max(1, hs.window // 2)
         elif ftype == P.BYE:
             code, text = P.unpack_reason(body)
             self._said_bye = True
             raise Disconnected(f"publisher at {self._url} closed the route: {text}")
         elif ftype == P.ERROR:
             code, text = P.unpack_reason(body)
+            if code == P.ERR_AUTH:
+                raise AuthenticationError(f"publisher at {self._url} refused this subscriber: "
+                                          f"{text}")
             raise ProtocolError(f"publisher at {self._url} refused this subscriber: {text}")
         elif ftype == P.PING:
             self._stream.queue(P.PONG, body)

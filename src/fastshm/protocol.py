@@ -17,10 +17,10 @@ __all__ = [
     "WIRE_VERSION", "MIN_VERSION", "MAX_VERSION",
     "HELLO", "AUTH", "SEGMENT", "ADDRESS", "INLINE", "RELEASE", "CREDIT",
     "PING", "PONG", "BYE", "ERROR", "PROBE",
-    "FEATURE_SHM", "FEATURE_INLINE",
+    "FEATURE_SHM", "FEATURE_INLINE", "FEATURE_AUTH",
     "Hello", "SegmentInfo", "pack_hello", "unpack_hello", "pack_segment", "unpack_segment",
     "pack_reason", "unpack_reason", "unpack_releases",
-    "ERR_PROTOCOL", "ERR_VERSION", "ERR_AUTH", "ERR_LIMIT", "ERR_INTERNAL",
+    "ERR_PROTOCOL", "ERR_VERSION", "ERR_AUTH", "ERR_LIMIT", "ERR_INTERNAL", "ERR_TIMEOUT",
     "BYE_CLOSING", "FRAME_NAMES",
 ]
 
@@ -50,6 +50,7 @@ FRAME_NAMES = {
 #: Feature bits a HELLO may offer.
 FEATURE_SHM = 0x1
 FEATURE_INLINE = 0x2
+FEATURE_AUTH = 0x4
 
 #: ERROR and BYE reason codes.
 BYE_CLOSING = 0
@@ -58,6 +59,7 @@ ERR_VERSION = 2
 ERR_AUTH = 3
 ERR_LIMIT = 4
 ERR_INTERNAL = 5
+ERR_TIMEOUT = 6
 
 _HELLO = struct.Struct("<HHII16sH")
 _SEGMENT = struct.Struct("<IIQQQQH")
