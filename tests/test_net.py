@@ -276,3 +276,58 @@ def test_subscriber_process_in_reverse_direction(route):
         for seq in range(1, 201):
             assert pub.send(expected_frame(base, seq, size), timeout=20) == 1
         assert last_json(proc) == {"received": 200, "bad": 0}
+
+
+def test_messages_released_in_other_threads(route):
+    """Releases queued from worker threads while the receiving thread flushes."""
+    import queue
+    import threading
+
+    from handshakes import connect
+
+    with Publisher(route, slot_size=256, slots=32) as pub:
+        sub = Subscriber(pub.url, window=32)
+        connect(pub, sub)
+        work: "queue.Queue[object]" = queue.Queue()
+
+        def worker():
+            while True:
+                msg = work.get()
+                if msg is None:
+                    return
+                assert bytes(msg)[:1] in (b"a", b"b")
+                del msg  # released here, in this thread
+
+        threads = [threading.Thread(target=worker) for _ in range(3)]
+        for t in threads:
+            t.start()
+        received = 0
+        for i in range(3000):
+            while True:
+                try:
+                    pub.send(b"a" * 200 if i % 2 else b"b" * 100, timeout=0.01)
+                    break
+                except Full:
+                    sub.flush(0)  # the workers' releases wait in this thread's stream
+            while True:
+                msg = sub.receive(timeout=0)
+                if msg is None:
+                    break
+                work.put(msg)
+                received += 1
+                del msg
+        for _ in threads:
+            work.put(None)
+        for t in threads:
+            t.join()
+        while received < 3000:
+            msg = sub.receive(timeout=5)
+            assert msg is not None
+            received += 1
+            del msg
+        sub.flush(5)
+        deadline = time.monotonic() + 10
+        while pub.stats()["slots_free"] < 32 and time.monotonic() < deadline:
+            pub.poll(0.01)
+        assert pub.stats()["slots_free"] == 32
+        sub.close()

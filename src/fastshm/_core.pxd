@@ -52,6 +52,11 @@ cdef class Stream:
     cdef Py_ssize_t _wcap
     cdef Py_ssize_t _wlen
     cdef Py_ssize_t _release_at
+    # Releases queued by other threads while sendmsg reads _wbuf without the GIL.
+    cdef char *_side
+    cdef Py_ssize_t _side_len
+    cdef Py_ssize_t _side_cap
+    cdef bint _sending
     cdef bint _closed
     cdef _Chunk *_chunks
     cdef Py_ssize_t _nchunks
@@ -74,6 +79,7 @@ cdef class Stream:
     cdef void _release_chunks(self) noexcept
     cdef inline void _put_header(self, int ftype, Py_ssize_t n) noexcept
     cdef int _queue_release(self, uint32_t segment_id, uint32_t slot, uint64_t generation) noexcept
+    cdef void _merge_side(self) noexcept
 
 
 cdef class PeerSegment:

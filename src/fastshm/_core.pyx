@@ -926,6 +926,7 @@ cdef class Stream:
         PyMem_Free(self._chunks)
         PyMem_Free(self._rbuf)
         PyMem_Free(self._wbuf)
+        PyMem_Free(self._side)
 
     cdef void _release_chunks(self) noexcept:
         cdef Py_ssize_t i
@@ -942,6 +943,7 @@ cdef class Stream:
     @property
     def pending(self):
         """Bytes queued and not yet sent (INLINE payloads included)."""
+        self._merge_side()
         return self._wlen + self._chunk_bytes
 
     @property
@@ -962,6 +964,7 @@ cdef class Stream:
     def close(self):
         """Stop using the socket: queued frames are dropped, held buffers let go."""
         self._closed = True
+        self._side_len = 0
         self._wlen = 0
         self._release_at = -1
         self._release_chunks()
@@ -1086,6 +1089,22 @@ cdef class Stream:
         cdef char *buf
         if self._closed:
             return 0
+        if self._sending:
+            # Another thread (a Message dropped there) while flush() sends from _wbuf
+            # without the GIL: _wbuf must not move, so park the entry aside.
+            if self._side_len + RELEASE_ENTRY_SIZE > self._side_cap:
+                cap = 256 if self._side_cap == 0 else self._side_cap * 2
+                buf = <char *>PyMem_Realloc(self._side, cap)
+                if buf == NULL:
+                    return -1
+                self._side = buf
+                self._side_cap = cap
+            p = self._side + self._side_len
+            fastshm_put_u32(p, segment_id)
+            fastshm_put_u32(p + 4, slot)
+            fastshm_put_u64(p + 8, generation)
+            self._side_len += RELEASE_ENTRY_SIZE
+            return 0
         need = RELEASE_ENTRY_SIZE + (0 if self._release_at >= 0 else HDR + 8)
         if self._wlen + need > self._wcap:
             cap = self._wcap * 2
@@ -1116,6 +1135,18 @@ cdef class Stream:
             self._release_at = -1
         return 0
 
+    cdef void _merge_side(self) noexcept:
+        """Queue the releases parked while a send was in flight."""
+        cdef Py_ssize_t i
+        cdef char *p
+        if self._side_len == 0 or self._sending:
+            return
+        for i in range(0, self._side_len, RELEASE_ENTRY_SIZE):
+            p = self._side + i
+            self._queue_release(fastshm_get_u32(p), fastshm_get_u32(p + 4),
+                                fastshm_get_u64(p + 8))
+        self._side_len = 0
+
     def flush(self, timeout=None):
         """Send what is queued; wait for the socket up to ``timeout`` seconds.
 
@@ -1139,6 +1170,7 @@ cdef class Stream:
         cdef msghdr msg
         if self._closed:
             return 0
+        self._merge_side()
         while self._wlen + self._chunk_bytes > 0:
             # Gather [queued bytes, payload, queued bytes, payload, ...].
             k = 0
@@ -1160,12 +1192,16 @@ cdef class Stream:
                 iov[k].iov_len = <size_t>(self._wlen - pos)
                 k += 1
             memset_msghdr(&msg, iov, <size_t>k)
+            self._sending = True
             with nogil:
                 n = sendmsg(self._fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT)
                 err = errno
+            self._sending = False
             if n >= 0:
                 self._consume(n)
+                self._merge_side()
                 continue
+            self._merge_side()
             if err == EINTR:
                 PyErr_CheckSignals()
             elif err == EAGAIN:
