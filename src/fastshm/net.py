@@ -22,7 +22,7 @@ import select
 import socket
 import time
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from contextlib import contextmanager
 
@@ -155,7 +155,32 @@ class _Peer:
                 "transport": "inline" if self.inline is not None else "shm"}
 
 
-class Publisher:
+_Closing = TypeVar("_Closing", bound="_Closes")
+
+
+class _Closes:
+    """Context management and a last-resort close for objects that own sockets and segments."""
+
+    _closed: bool
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self: _Closing) -> _Closing:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except Exception:
+                pass
+
+
+class Publisher(_Closes):
     """Publish payloads through shared memory to subscribers on a route.
 
     Parameters
@@ -950,19 +975,6 @@ class Publisher:
                 pass
         self._unix_paths.clear()
 
-    def __enter__(self) -> "Publisher":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
-            try:
-                self.close()
-            except Exception:
-                pass
-
     def __repr__(self) -> str:
         return (f"<fastshm.Publisher {self._url} slots={self._pool.slots}x{self._pool.slot_size}"
                 f" subscribers={len(self._ready)}{' closed' if self._closed else ''}>")
@@ -1013,7 +1025,7 @@ def _connect(url: str, timeout: Optional[float], keepalive: float = 5.0) -> sock
             delay = min(delay * 2, 0.5)
 
 
-class Subscriber:
+class Subscriber(_Closes):
     """Receive messages from a publisher: zero-copy views of its shared memory.
 
     Parameters
@@ -1354,19 +1366,6 @@ class Subscriber:
         except OSError:
             pass
         self._shutdown(None)
-
-    def __enter__(self) -> "Subscriber":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
-            try:
-                self.close()
-            except Exception:
-                pass
 
     def __repr__(self) -> str:
         return f"<fastshm.Subscriber {self._url}{' closed' if self._closed else ''}>"
