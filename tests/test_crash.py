@@ -85,9 +85,12 @@ def test_killed_publisher_disconnects_cleanly_and_gc_reaps_its_segment(route):
         entry = [json.loads(line) for line in listing.stdout.splitlines()
                  if json.loads(line)["name"] == name][0]
         assert entry["alive"] is False and entry["slots"] == 4 and entry["slot_size"] == 4096
-        out = run_cli("gc", "--min-age", "0")
+        # --prefix: only this test's segment; other runs on the machine keep theirs.
+        out = run_cli("gc", "--min-age", "0", "--prefix", name)
         assert out.returncode == 0 and f"removed {name}" in out.stdout
         assert not os.path.exists(f"/dev/shm/{name}")
+        probes = run_cli("gc", "--min-age", "0", "--prefix", "fastshm.probe-")
+        assert probes.returncode == 0 and "removed fastshm.probe-" in probes.stdout
         held.clear()
         sub.close()
     finally:
@@ -99,8 +102,8 @@ def test_killed_publisher_disconnects_cleanly_and_gc_reaps_its_segment(route):
 
 def test_gc_spares_live_segments():
     with Publisher("tcp://127.0.0.1:0", slot_size=64, slots=1) as pub:
-        out = run_cli("gc", "--min-age", "0")
-        assert pub.segment_name not in out.stdout
+        out = run_cli("gc", "--min-age", "0", "--prefix", pub.segment_name)
+        assert pub.segment_name not in out.stdout and "removed 0 segment" in out.stdout
         assert os.path.exists(f"/dev/shm/{pub.segment_name}")
         listing = run_cli("ls")
         line = [ln for ln in listing.stdout.splitlines() if pub.segment_name in ln][0]
