@@ -1196,16 +1196,22 @@ class Subscriber(_Closes):
                     self._stats["bytes"] += msg.nbytes
                     return msg
                 self._on_control(ftype, body)
-        except Disconnected as exc:
-            self._shutdown(exc)
-            raise
-        except ConnectionError as exc:
-            gone = Disconnected(f"connection to publisher at {self._url} lost: {exc}")
-            self._shutdown(gone)
-            raise gone from exc
         except (OSError, ValueError, LookupError) as exc:
-            self._shutdown(exc)
-            raise
+            raise self._fatal(exc)
+
+    def _fatal(self, exc: BaseException) -> BaseException:
+        """Close on an error that ends the connection; return what to raise for it.
+
+        A lost connection is reported as :class:`Disconnected` (caused by the
+        system error); protocol errors, stale generations and the rest as
+        they are.
+        """
+        if isinstance(exc, ConnectionError) and not isinstance(exc, Disconnected):
+            gone = Disconnected(f"connection to publisher at {self._url} lost: {exc}")
+            gone.__cause__ = exc
+            exc = gone
+        self._shutdown(exc)
+        return exc
 
     @property
     def ready(self) -> bool:
@@ -1253,16 +1259,8 @@ class Subscriber(_Closes):
                     raise ProtocolError(f"{P.FRAME_NAMES[frame[0]]} before the handshake ended")
                 else:
                     self._on_control(frame[0], frame[1])
-        except Disconnected as exc:
-            self._shutdown(exc)
-            raise
-        except ConnectionError as exc:
-            gone = Disconnected(f"connection to publisher at {self._url} lost: {exc}")
-            self._shutdown(gone)
-            raise gone from exc
         except (OSError, ValueError, LookupError) as exc:
-            self._shutdown(exc)
-            raise
+            raise self._fatal(exc)
         if not self.ready:
             # The caller's timeout: the subscriber stays usable.
             raise TimeoutError(f"publisher at {self._url} did not answer within {timeout} s")
