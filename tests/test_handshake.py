@@ -408,7 +408,8 @@ def test_inline_batches_and_arrays_keep_their_slots_accounted(route):
 def test_an_event_loop_is_woken_to_finish_a_large_inline_payload(route):
     """Output that the socket could not take makes fileno() readable until it is sent."""
     import select as _select
-    size = 4 << 20
+    # Larger than what loopback socket buffers can hold in flight, even autotuned.
+    size = 32 << 20
     payload = os.urandom(size)
     with Publisher(route, slot_size=size, slots=2) as pub:
         with Subscriber(pub.url, connect_timeout=5, transport="inline") as sub:
