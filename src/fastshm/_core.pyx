@@ -673,6 +673,31 @@ def _permission_hint(str name, bint readonly):
 
 # --- Address --------------------------------------------------------------------
 
+cdef int _fill_address(Address a, uint32_t segment_id, uint32_t slot, uint64_t offset,
+                       uint64_t length, uint64_t generation, uint64_t sequence,
+                       uint64_t timestamp_ns, uint32_t flags, str name,
+                       bytes meta) except -1:
+    """Check and store an address's fields (``name`` already validated)."""
+    if length > UINT64_MAX - offset:
+        raise ValueError("offset + length overflows 64 bits")
+    if flags & ~(<uint32_t>KNOWN_FLAGS):
+        raise ValueError(f"unknown address flags {flags:#x}")
+    if len(meta) > MAX_META:
+        raise ValueError(f"address metadata is limited to {MAX_META} bytes, got {len(meta)}")
+    a.segment_id = segment_id
+    a.slot = slot
+    a.offset = offset
+    a.length = length
+    a.generation = generation
+    a.sequence = sequence
+    a.timestamp_ns = timestamp_ns
+    a.flags = flags
+    a.name = name
+    a._name_bytes = name.encode("ascii")
+    a.meta = meta
+    return 0
+
+
 cdef class Address:
     """Where a payload is: segment, offset, length, generation and sequence.
 
@@ -706,28 +731,12 @@ cdef class Address:
 
     def __init__(self, segment_id, offset, length, generation=0, sequence=0, *,
                  slot=0, timestamp_ns=0, flags=0, name="", meta=b""):
-        self.segment_id = _u32(segment_id, "segment_id")
-        self.offset = _u64(offset, "offset")
-        self.length = _u64(length, "length")
-        if self.length > UINT64_MAX - self.offset:
-            raise ValueError("offset + length overflows 64 bits")
-        self.generation = _u64(generation, "generation")
-        self.sequence = _u64(sequence, "sequence")
-        self.slot = _u32(slot, "slot")
-        self.timestamp_ns = _u64(timestamp_ns, "timestamp_ns")
-        self.flags = _u32(flags, "flags")
-        if self.flags & ~(<uint32_t>KNOWN_FLAGS):
-            raise ValueError(f"unknown address flags {flags:#x}")
-        if name:
-            name = check_name(name)
-        else:
-            name = ""
-        self.name = name
-        self._name_bytes = name.encode("ascii")
-        meta = bytes(meta)
-        if len(meta) > MAX_META:
-            raise ValueError(f"address metadata is limited to {MAX_META} bytes, got {len(meta)}")
-        self.meta = meta
+        name = check_name(name) if name else ""
+        _fill_address(self, _u32(segment_id, "segment_id"), _u32(slot, "slot"),
+                      _u64(offset, "offset"), _u64(length, "length"),
+                      _u64(generation, "generation"), _u64(sequence, "sequence"),
+                      _u64(timestamp_ns, "timestamp_ns"), _u32(flags, "flags"),
+                      name, bytes(meta))
 
     @staticmethod
     def _for_slot(uint32_t segment_id, uint32_t slot, uint64_t offset, uint64_t length,
@@ -735,23 +744,8 @@ cdef class Address:
                   uint32_t flags, bytes meta):
         """A publisher's address for a slot: positional and checked in C (the hot path)."""
         cdef Address a = Address.__new__(Address)
-        if length > UINT64_MAX - offset:
-            raise ValueError("offset + length overflows 64 bits")
-        if flags & ~(<uint32_t>KNOWN_FLAGS):
-            raise ValueError(f"unknown address flags {flags:#x}")
-        if len(meta) > MAX_META:
-            raise ValueError(f"address metadata is limited to {MAX_META} bytes, got {len(meta)}")
-        a.segment_id = segment_id
-        a.slot = slot
-        a.offset = offset
-        a.length = length
-        a.generation = generation
-        a.sequence = sequence
-        a.timestamp_ns = timestamp_ns
-        a.flags = flags
-        a.name = ""
-        a._name_bytes = b""
-        a.meta = meta
+        _fill_address(a, segment_id, slot, offset, length, generation, sequence,
+                      timestamp_ns, flags, "", meta)
         return a
 
     cdef Py_ssize_t _packed_size(self):
