@@ -75,7 +75,7 @@ _PRIORITIES = ("real-time", "interactive-high", "interactive-low", "data-high", 
 
 def _zenoh() -> Any:
     try:
-        import zenoh
+        import zenoh  # type: ignore[import-not-found, unused-ignore]  # an optional extra
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError('the bridge needs Eclipse Zenoh: pip install "fastshm[zenoh]"') from e
     return zenoh
