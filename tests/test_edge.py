@@ -577,3 +577,12 @@ def test_console_scripts_match_the_images():
     for name in ("fastshm-writer", "fastshm-reader"):
         assert f'{name} = "fastshm.edge:{name.split("-")[1]}_main"' in text
     assert re.search(r'^iotedge = \["azure-iot-device>=2,<3"\]', text, re.M)
+
+
+@pytest.mark.parametrize("value", ["${FASTSHM_SECRET}", "", "  "])
+@pytest.mark.parametrize("main", [edge.writer_main, edge.reader_main])
+def test_unexpanded_or_empty_secret_is_one_line_and_exit_2(monkeypatch, capsys, main, value):
+    monkeypatch.setenv("FASTSHM_SECRET", value)
+    assert main([]) == edge.EXIT_CONFIG
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "FASTSHM_SECRET" in err[0]
