@@ -559,13 +559,13 @@ def test_module_json_and_dockerfiles(name, script):
     spec = load_json(folder / "module.json")
     image = spec["image"]
     assert image["repository"].endswith("/" + name)
-    assert set(image["tag"]["platforms"]) == {"amd64", "arm64v8"}
+    assert set(image["tag"]["platforms"]) == {"amd64", "arm64v8", "arm32v7"}
     context = (folder / image["contextPath"]).resolve()
     assert context == EXAMPLE.resolve() and (context / "wheels").is_dir()
     for platform, dockerfile in image["tag"]["platforms"].items():
         text = (folder / dockerfile).read_text()
         froms = re.findall(r"^FROM (\S+)", text, re.M)
-        assert froms == [("arm64v8/" if platform == "arm64v8" else "") +
+        assert froms == [("" if platform == "amd64" else platform + "/") +
                          "python:${PYTHON_VERSION}-slim-bookworm"]
         assert "COPY wheels/ " in text and "--no-index --find-links" in text
         assert f'CMD ["{script}"]' in text
