@@ -8,6 +8,8 @@ ls
     List fastshm segments in /dev/shm: size, owner, live or dead.
 gc
     Remove the segments whose creator is dead.
+bridge
+    Carry fastshm channels between hosts through Eclipse Zenoh (``export``, ``import``).
 bench
     Run the benchmark suite (``bench/``): medians, ratios to the baselines, a chart.
 """
@@ -48,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only names starting with this (default 'fastshm.')")
     p.set_defaults(run=_gc)
 
+    p = sub.add_parser("bridge", help="span hosts: fastshm channels to and from Eclipse Zenoh")
+    p.set_defaults(run=_bridge)
+    _bridge_arguments(p)
+
     p = sub.add_parser("bench", help="run the benchmark suite: medians, ratios and a chart")
     bench.add_arguments(p)
     p.set_defaults(run=bench.run)
@@ -60,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_arguments(p, role=True)
     p.set_defaults(run=demo.reader_main)
     return parser
+
+
+def _bridge_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastshm import bridge  # Zenoh itself is imported only when a bridge runs
+
+    bridge.add_arguments(parser)
+
+
+def _bridge(args: argparse.Namespace) -> int:
+    from fastshm import bridge
+
+    return bridge.run(args)
 
 
 def _ls(args: argparse.Namespace) -> int:
