@@ -559,13 +559,13 @@ def test_module_json_and_dockerfiles(name, script):
     spec = load_json(folder / "module.json")
     image = spec["image"]
     assert image["repository"].endswith("/" + name)
-    assert set(image["tag"]["platforms"]) == {"amd64", "arm64v8"}
+    assert set(image["tag"]["platforms"]) == {"amd64", "arm64v8", "arm32v7"}
     context = (folder / image["contextPath"]).resolve()
     assert context == EXAMPLE.resolve() and (context / "wheels").is_dir()
     for platform, dockerfile in image["tag"]["platforms"].items():
         text = (folder / dockerfile).read_text()
         froms = re.findall(r"^FROM (\S+)", text, re.M)
-        assert froms == [("arm64v8/" if platform == "arm64v8" else "") +
+        assert froms == [("" if platform == "amd64" else platform + "/") +
                          "python:${PYTHON_VERSION}-slim-bookworm"]
         assert "COPY wheels/ " in text and "--no-index --find-links" in text
         assert f'CMD ["{script}"]' in text
@@ -577,3 +577,12 @@ def test_console_scripts_match_the_images():
     for name in ("fastshm-writer", "fastshm-reader"):
         assert f'{name} = "fastshm.edge:{name.split("-")[1]}_main"' in text
     assert re.search(r'^iotedge = \["azure-iot-device>=2,<3"\]', text, re.M)
+
+
+@pytest.mark.parametrize("value", ["${FASTSHM_SECRET}", "", "  "])
+@pytest.mark.parametrize("main", [edge.writer_main, edge.reader_main])
+def test_unexpanded_or_empty_secret_is_one_line_and_exit_2(monkeypatch, capsys, main, value):
+    monkeypatch.setenv("FASTSHM_SECRET", value)
+    assert main([]) == edge.EXIT_CONFIG
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "FASTSHM_SECRET" in err[0]

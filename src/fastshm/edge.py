@@ -262,8 +262,28 @@ def _build_parser(prog: str, options: Sequence[_Option], description: str, envir
     return parser
 
 
+class ConfigError(ValueError):
+    """A setting of an edge entrypoint is wrong: the message is one line that names it."""
+
+
+_UNEXPANDED = re.compile(r"\$\{[^}]*\}")
+
+
+def _check_environment(options: Sequence[_Option], env: dict[str, str]) -> None:
+    """Refuse a variable the deployment left as ``${NAME}`` and an empty secret."""
+    for o in options:
+        value = env.get(o.env)
+        if value is None:
+            continue
+        if _UNEXPANDED.search(value):
+            raise ConfigError(f"{o.env} is {value!r}: the deployment did not expand it (define it in .env)")
+        if o.env == "FASTSHM_SECRET" and not value.strip():
+            raise ConfigError("FASTSHM_SECRET is empty: set a secret, or remove the variable to run without one")
+
+
 def _parse(kind: type, prog: str, options: Sequence[_Option], description: str, argv: Sequence[str] | None, environ: dict[str, str] | None) -> Any:
     env = dict(os.environ if environ is None else environ)
+    _check_environment(options, env)
     parser = _build_parser(prog, options, description, env)
     ns = parser.parse_args(argv)
     ident = _Identity.from_env(env)
@@ -912,16 +932,27 @@ def _setup_logging(level: str, name: str | None) -> None:
     )
 
 
+def _config_error(prog: str, exc: ConfigError) -> int:
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
 def writer_main(argv: Sequence[str] | None = None) -> int:
     """Console script ``fastshm-writer``."""
-    cfg = writer_config(argv)
+    try:
+        cfg = writer_config(argv)
+    except ConfigError as exc:
+        return _config_error("fastshm-writer", exc)
     _setup_logging(cfg.log_level, cfg.module or "fastshm-writer")
     return run_writer(cfg)
 
 
 def reader_main(argv: Sequence[str] | None = None) -> int:
     """Console script ``fastshm-reader``."""
-    cfg = reader_config(argv)
+    try:
+        cfg = reader_config(argv)
+    except ConfigError as exc:
+        return _config_error("fastshm-reader", exc)
     _setup_logging(cfg.log_level, cfg.module or "fastshm-reader")
     return run_reader(cfg)
 
